@@ -1,0 +1,138 @@
+"""A small certificate authority and chain checks, all on `cryptography`.
+
+Used for the manufacturer CA (IDevIDs), the owner CA (LDevIDs, terminus and gateway TLS)
+and the rendezvous TLS certificate.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..protocol.errors import NotAuthorized, MalformedMessage
+
+DEVICE_URN_PREFIX = "urn:dev:zerotouch:"
+
+
+def _name(common_name: str, org: str | None = None, serial: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    if serial:
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
+    return x509.Name(attrs)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_root(key: ec.EllipticCurvePrivateKey, common_name: str, *, org: str | None = None,
+              days: int = 3650) -> x509.Certificate:
+    name = _name(common_name, org)
+    now = _now()
+    return (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+@dataclass
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    def _builder(self, subject: x509.Name, public_key, days: float) -> x509.CertificateBuilder:
+        now = _now()
+        return (x509.CertificateBuilder()
+                .subject_name(subject).issuer_name(self.cert.subject)
+                .public_key(public_key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                               critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+
+    def issue_device(self, public_key, *, serial: str, urn: str, org: str | None = None,
+                     days: float = 365 * 20) -> x509.Certificate:
+        """IDevID / LDevID: device serial in the subject, device URN in the SAN (802.1AR)."""
+        b = self._builder(_name(serial, org, serial), public_key, days)
+        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(urn)]),
+                            critical=False)
+        b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                          key_encipherment=False, data_encipherment=False,
+                                          key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                          encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return b.sign(self.key, hashes.SHA256())
+
+    def issue_server(self, public_key, *, common_name: str, hosts: list[str],
+                     days: float = 825) -> x509.Certificate:
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        b = self._builder(_name(common_name), public_key, days)
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return b.sign(self.key, hashes.SHA256())
+
+
+def device_identity(cert: x509.Certificate) -> tuple[str, str]:
+    """(serial, urn) named by a device certificate."""
+    serials = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    if not serials:
+        raise MalformedMessage("device certificate has no serialNumber in its subject")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        urns = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.startswith(DEVICE_URN_PREFIX)]
+    except x509.ExtensionNotFound:
+        urns = []
+    if not urns:
+        raise MalformedMessage("device certificate has no device URN")
+    return str(serials[0].value), urns[0]
+
+
+def load_der_cert(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise MalformedMessage("not a DER X.509 certificate") from None
+
+
+def verify_device_chain(leaf: x509.Certificate, anchors: list[x509.Certificate],
+                        now: dt.datetime | None = None) -> None:
+    """Check that `leaf` is a valid client certificate issued by one of `anchors`.
+
+    Uses cryptography's RFC 5280 path validation (signature, validity, CA constraints).
+    """
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    if not anchors:
+        raise NotAuthorized("no trusted manufacturer CA is configured")
+    verifier = (PolicyBuilder().store(Store(anchors)).time(now or _now())
+                .build_client_verifier())
+    try:
+        verifier.verify(leaf, [])
+    except VerificationError as exc:
+        raise NotAuthorized(f"device certificate is not trusted: {exc}") from None

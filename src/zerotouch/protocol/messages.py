@@ -1,0 +1,150 @@
+"""Message types of every phase. Integer CBOR keys keep them small for CoAP devices.
+
+Each signed message travels as a COSE_Sign1 whose payload is the message's CBOR map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .codec import Message, f
+
+NONCE_LEN = 16
+HASH_LEN = 32
+SESSION_LEN = 16
+
+
+# --- manufacture → rendezvous -------------------------------------------------------------
+@dataclass(frozen=True)
+class RvRegister(Message):
+    """A device made at the factory; signed by the manufacturer CA key. No OTP, only its hash."""
+    TYPE = 10
+    serial: str = f(1, min_len=1, max_len=64)
+    urn: str = f(2, min_len=1, max_len=128)
+    idevid: bytes = f(3, min_len=1, max_len=4096)
+    otp_salt: bytes = f(4, min_len=16, max_len=16)
+    otp_hash: bytes = f(5, min_len=HASH_LEN, max_len=HASH_LEN)
+
+
+# --- phase 3: find the owner ----------------------------------------------------------------
+@dataclass(frozen=True)
+class FindOwner(Message):
+    """Device → rendezvous, signed by the IDevID key (x5chain carries the IDevID)."""
+    TYPE = 1
+    serial: str = f(1, min_len=1, max_len=64)
+    nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    time: int = f(3)
+
+
+@dataclass(frozen=True)
+class Redirect(Message):
+    """Rendezvous → device, signed by the rendezvous key the device has pinned."""
+    TYPE = 2
+    serial: str = f(1, min_len=1, max_len=64)
+    nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    gateway_url: str = f(3, min_len=1, max_len=256)
+    owner_fp: bytes = f(4, min_len=HASH_LEN, max_len=HASH_LEN)
+    issued: int = f(5)
+    expires: int = f(6)
+
+
+# --- phase 4: onboard -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello(Message):
+    """Device → gateway, signed by the IDevID key (x5chain carries the IDevID)."""
+    TYPE = 3
+    serial: str = f(1, min_len=1, max_len=64)
+    nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    time: int = f(3)
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Gateway → device, signed by the owner key (x5chain carries the owner CA certificate).
+
+    `owner_proof` = H("zt-owner-proof" | N_device | nonce): only an owner that knows
+    N_device can make it, and it is bound to this device's fresh nonce.
+    """
+    TYPE = 4
+    session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
+    nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    challenge: bytes = f(3, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    owner_proof: bytes = f(4, min_len=HASH_LEN, max_len=HASH_LEN)
+    expires: int = f(5)
+
+
+@dataclass(frozen=True)
+class Prove(Message):
+    """Device → gateway, signed by the IDevID key: answers the challenge, asks for credentials."""
+    TYPE = 5
+    session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
+    challenge: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    csr: bytes = f(3, min_len=1, max_len=4096)
+    seal_key: bytes = f(4, min_len=32, max_len=133)  # HPKE recipient public key (X25519 raw)
+
+
+# --- phase 5: credentials -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bundle(Message):
+    """Configuration the owner signs: where to connect and how."""
+    TYPE = 7
+    serial: str = f(1, min_len=1, max_len=64)
+    terminus_host: str = f(2, min_len=1, max_len=253)
+    terminus_port: int = f(3)
+    owner_ca: bytes = f(4, min_len=1, max_len=4096)
+    topic_prefix: str = f(5, min_len=1, max_len=128)
+    settings: dict = f(6, max_len=64)
+    issued: int = f(7)
+
+
+@dataclass(frozen=True)
+class Credentials(Message):
+    """Gateway → device, signed by the owner key."""
+    TYPE = 6
+    session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
+    nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
+    ldevid: bytes = f(3, min_len=1, max_len=4096)
+    sealed_secret: bytes = f(4, min_len=1, max_len=512)
+    bundle: bytes = f(5, min_len=1, max_len=8192)  # COSE_Sign1 over a Bundle
+
+
+@dataclass(frozen=True)
+class SealedSecret(Message):
+    """Plaintext inside the HPKE-sealed channel secret: binds it to this onboarding."""
+    TYPE = 12
+    serial: str = f(1, min_len=1, max_len=64)
+    secret: bytes = f(2, min_len=32, max_len=32)
+    hmn: bytes = f(3, min_len=HASH_LEN, max_len=HASH_LEN)  # H(M | N_device)
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """Device → gateway, signed by the IDevID key once everything is stored."""
+    TYPE = 8
+    session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
+    serial: str = f(2, min_len=1, max_len=64)
+    ldevid_fp: bytes = f(3, min_len=HASH_LEN, max_len=HASH_LEN)
+
+
+@dataclass(frozen=True)
+class DoneAck(Message):
+    TYPE = 9
+    session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
+    serial: str = f(2, min_len=1, max_len=64)
+
+
+# --- owner gateway → rendezvous ------------------------------------------------------------
+@dataclass(frozen=True)
+class RvRegistered(Message):
+    """Owner tells the rendezvous a device reached it; signed by the owner key."""
+    TYPE = 11
+    serial: str = f(1, min_len=1, max_len=64)
+    time: int = f(2)
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    TYPE = 99
+    code: str = f(1, max_len=64)
+    message: str = f(2, max_len=512)
+    retry_after: Optional[int] = f(3, optional=True)

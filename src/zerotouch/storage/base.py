@@ -1,0 +1,98 @@
+"""Repository interfaces and records. Servers keep no session state in memory: everything an
+in-flight onboarding needs is here, so any replica can take any message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..protocol.states import InventoryState, RendezvousStatus, SessionState
+
+
+@dataclass
+class RvDeviceRecord:
+    serial: str
+    urn: str
+    idevid_der: bytes
+    otp_salt: bytes
+    otp_hash: bytes
+    status: RendezvousStatus = RendezvousStatus.NOT_MAPPED
+    gateway_url: str | None = None
+    owner_fp: bytes | None = None
+    created_at: float = 0.0
+    claimed_at: float | None = None
+    registered_at: float | None = None
+    failed_claims: int = 0
+
+
+@dataclass
+class InventoryRecord:
+    serial: str
+    state: InventoryState = InventoryState.EXPECTED
+    description: str = ""
+    idevid_fp: bytes | None = None
+    ldevid_serial: str | None = None
+    last_error: str | None = None
+    created_at: float = 0.0
+    onboarded_at: float | None = None
+
+
+@dataclass
+class SessionRecord:
+    id: bytes
+    serial: str
+    nonce: bytes
+    challenge: bytes
+    idevid_fp: bytes
+    state: SessionState
+    expires: float
+    ldevid_der: bytes | None = None
+
+
+class RendezvousRepo(Protocol):
+    async def add(self, rec: RvDeviceRecord) -> None:
+        """Insert; raises Conflict if the serial exists."""
+    async def get(self, serial: str) -> RvDeviceRecord | None: ...
+    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float) -> bool:
+        """Map a not-mapped device; False if it was already mapped (atomic)."""
+    async def set_status(self, serial: str, old: RendezvousStatus, new: RendezvousStatus,
+                         now: float) -> bool: ...
+    async def note_failed_claim(self, serial: str) -> None: ...
+    async def count_by_status(self) -> dict[str, int]: ...
+
+
+class InventoryRepo(Protocol):
+    async def add(self, rec: InventoryRecord) -> bool:
+        """Insert; False if the serial is already in the inventory (nothing changes)."""
+    async def get(self, serial: str) -> InventoryRecord | None: ...
+    async def list(self, limit: int = 1000) -> list[InventoryRecord]: ...
+    async def update(self, serial: str, **fields) -> None: ...
+
+
+class SessionRepo(Protocol):
+    async def create(self, rec: SessionRecord) -> None: ...
+    async def get(self, session_id: bytes) -> SessionRecord | None: ...
+    async def advance(self, session_id: bytes, old: SessionState, new: SessionState,
+                      **fields) -> bool:
+        """Compare-and-set the state; False if another request moved it first."""
+    async def delete_expired(self, now: float) -> int: ...
+
+
+class SecretRepo(Protocol):
+    """Vault storage: values arrive already encrypted by the vault."""
+    async def put(self, kind: str, name: str, ciphertext: bytes) -> None: ...
+    async def get(self, kind: str, name: str) -> bytes | None: ...
+
+
+class CertRepo(Protocol):
+    async def add(self, serial_number: str, device_serial: str, der: bytes, not_after: float) -> None: ...
+    async def for_device(self, device_serial: str) -> list[bytes]: ...
+
+
+class Store(Protocol):
+    rendezvous: RendezvousRepo
+    inventory: InventoryRepo
+    sessions: SessionRepo
+    secrets: SecretRepo
+    certs: CertRepo
+
+    async def close(self) -> None: ...

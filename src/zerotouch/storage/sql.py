@@ -1,0 +1,204 @@
+"""SQLAlchemy (async) implementation of the repositories, for SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import dataclasses
+
+from sqlalchemy import event, func, insert, select, update, delete
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..protocol.errors import Conflict
+from ..protocol.states import InventoryState, RendezvousStatus, SessionState
+from .base import InventoryRecord, RvDeviceRecord, SessionRecord
+from .schema import gw_certificates, gw_inventory, gw_sessions, rv_devices, vault_secrets
+
+
+def engine_url(url: str) -> tuple[URL, dict]:
+    """Accept plain `sqlite:///x.db` / `postgresql://host/db[?schema=s]`; pick async drivers."""
+    u = make_url(url)
+    connect_args: dict = {}
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        u = u.set(drivername="sqlite+aiosqlite")
+        connect_args["timeout"] = 30
+    elif backend == "postgresql":
+        u = u.set(drivername="postgresql+asyncpg")
+        schema = u.query.get("schema")
+        if schema:
+            if isinstance(schema, tuple) or not schema.replace("_", "").isalnum():
+                raise ValueError("schema name must be letters, digits and underscores")
+            connect_args["server_settings"] = {"search_path": schema}
+            u = u.difference_update_query(["schema"])
+    else:
+        raise ValueError(f"unsupported database URL {u.drivername!r} (use sqlite or postgresql)")
+    return u, connect_args
+
+
+def make_engine(url: str) -> AsyncEngine:
+    real, connect_args = engine_url(url)
+    kwargs: dict = {"connect_args": connect_args}
+    if real.get_backend_name() == "postgresql":
+        kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+    engine = create_async_engine(real, **kwargs)
+    if real.get_backend_name() == "sqlite":
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every sqlite test
+            cur = dbapi_conn.cursor()
+            # WAL lets several server processes read while one writes; busy_timeout waits for locks.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+    return engine
+
+
+def _row(cls, row, **conv):
+    data = dict(row._mapping)
+    for k, fn in conv.items():
+        data[k] = fn(data[k])
+    return cls(**data)
+
+
+class _Repo:
+    def __init__(self, engine: AsyncEngine):
+        self.e = engine
+
+
+class SqlRendezvousRepo(_Repo):
+    async def add(self, rec: RvDeviceRecord) -> None:
+        values = dataclasses.asdict(rec)
+        values["status"] = rec.status.value
+        try:
+            async with self.e.begin() as c:
+                await c.execute(insert(rv_devices).values(**values))
+        except IntegrityError:
+            raise Conflict(f"device {rec.serial} is already registered") from None
+
+    async def get(self, serial: str) -> RvDeviceRecord | None:
+        async with self.e.connect() as c:
+            row = (await c.execute(select(rv_devices).where(rv_devices.c.serial == serial))).first()
+        return _row(RvDeviceRecord, row, status=RendezvousStatus) if row else None
+
+    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float) -> bool:
+        async with self.e.begin() as c:
+            res = await c.execute(
+                update(rv_devices)
+                .where(rv_devices.c.serial == serial,
+                       rv_devices.c.status == RendezvousStatus.NOT_MAPPED.value)
+                .values(status=RendezvousStatus.MAPPED.value, gateway_url=gateway_url,
+                        owner_fp=owner_fp, claimed_at=now))
+        return res.rowcount == 1
+
+    async def set_status(self, serial, old, new, now) -> bool:
+        values = {"status": new.value}
+        if new is RendezvousStatus.REGISTERED:
+            values["registered_at"] = now
+        async with self.e.begin() as c:
+            res = await c.execute(update(rv_devices).where(
+                rv_devices.c.serial == serial, rv_devices.c.status == old.value).values(**values))
+        return res.rowcount == 1
+
+    async def note_failed_claim(self, serial: str) -> None:
+        async with self.e.begin() as c:
+            await c.execute(update(rv_devices).where(rv_devices.c.serial == serial)
+                            .values(failed_claims=rv_devices.c.failed_claims + 1))
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self.e.connect() as c:
+            rows = await c.execute(select(rv_devices.c.status, func.count()).group_by(rv_devices.c.status))
+        return {s: n for s, n in rows}
+
+
+class SqlInventoryRepo(_Repo):
+    async def add(self, rec: InventoryRecord) -> bool:
+        values = dataclasses.asdict(rec)
+        values["state"] = rec.state.value
+        try:
+            async with self.e.begin() as c:
+                await c.execute(insert(gw_inventory).values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    async def get(self, serial: str) -> InventoryRecord | None:
+        async with self.e.connect() as c:
+            row = (await c.execute(select(gw_inventory).where(gw_inventory.c.serial == serial))).first()
+        return _row(InventoryRecord, row, state=InventoryState) if row else None
+
+    async def list(self, limit: int = 1000) -> list[InventoryRecord]:
+        async with self.e.connect() as c:
+            rows = await c.execute(select(gw_inventory).order_by(gw_inventory.c.serial).limit(limit))
+        return [_row(InventoryRecord, r, state=InventoryState) for r in rows]
+
+    async def update(self, serial: str, **fields) -> None:
+        if "state" in fields:
+            fields["state"] = InventoryState(fields["state"]).value
+        async with self.e.begin() as c:
+            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == serial).values(**fields))
+
+
+class SqlSessionRepo(_Repo):
+    async def create(self, rec: SessionRecord) -> None:
+        values = dataclasses.asdict(rec)
+        values["state"] = rec.state.value
+        async with self.e.begin() as c:
+            await c.execute(insert(gw_sessions).values(**values))
+
+    async def get(self, session_id: bytes) -> SessionRecord | None:
+        async with self.e.connect() as c:
+            row = (await c.execute(select(gw_sessions).where(gw_sessions.c.id == session_id))).first()
+        return _row(SessionRecord, row, state=SessionState) if row else None
+
+    async def advance(self, session_id, old, new, **fields) -> bool:
+        async with self.e.begin() as c:
+            res = await c.execute(update(gw_sessions).where(
+                gw_sessions.c.id == session_id, gw_sessions.c.state == old.value)
+                .values(state=new.value, **fields))
+        return res.rowcount == 1
+
+    async def delete_expired(self, now: float) -> int:
+        async with self.e.begin() as c:
+            res = await c.execute(delete(gw_sessions).where(gw_sessions.c.expires < now))
+        return res.rowcount
+
+
+class SqlSecretRepo(_Repo):
+    async def put(self, kind: str, name: str, ciphertext: bytes) -> None:
+        async with self.e.begin() as c:
+            res = await c.execute(update(vault_secrets).where(
+                vault_secrets.c.kind == kind, vault_secrets.c.name == name).values(ciphertext=ciphertext))
+            if res.rowcount == 0:
+                await c.execute(insert(vault_secrets).values(kind=kind, name=name, ciphertext=ciphertext))
+
+    async def get(self, kind: str, name: str) -> bytes | None:
+        async with self.e.connect() as c:
+            row = (await c.execute(select(vault_secrets.c.ciphertext).where(
+                vault_secrets.c.kind == kind, vault_secrets.c.name == name))).first()
+        return row[0] if row else None
+
+
+class SqlCertRepo(_Repo):
+    async def add(self, serial_number, device_serial, der, not_after) -> None:
+        async with self.e.begin() as c:
+            await c.execute(insert(gw_certificates).values(
+                serial_number=serial_number, device_serial=device_serial, der=der, not_after=not_after))
+
+    async def for_device(self, device_serial: str) -> list[bytes]:
+        async with self.e.connect() as c:
+            rows = await c.execute(select(gw_certificates.c.der).where(
+                gw_certificates.c.device_serial == device_serial))
+        return [r[0] for r in rows]
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.rendezvous = SqlRendezvousRepo(engine)
+        self.inventory = SqlInventoryRepo(engine)
+        self.sessions = SqlSessionRepo(engine)
+        self.secrets = SqlSecretRepo(engine)
+        self.certs = SqlCertRepo(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
