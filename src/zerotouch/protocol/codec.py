@@ -71,7 +71,7 @@ def _check_value(name: str, value: Any, typ: Any, meta: dict) -> None:
         for v in value:
             if isinstance(v, (str, bytes)) and len(v) > MAX_MESSAGE:
                 raise MalformedMessage(f"an item of field '{name}' is too long")
-    elif origin is dict:
+    elif typ is dict or origin is dict:
         if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, _SCALARS) for k, v in value.items()):
             raise MalformedMessage(f"field '{name}' must be a map of text to scalars")

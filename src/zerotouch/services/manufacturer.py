@@ -1,0 +1,119 @@
+"""Manufacturer: device identity, IDevID certificate, N_device/OTP, factory config, label, and
+the signed registration the rendezvous accepts."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import segno
+
+from ..identity import identity_factory
+from ..pki.ca import DEVICE_URN_PREFIX, CertificateAuthority, make_root
+from ..pki.keys import (cert_der, cert_pem, generate_p256, load_cert, load_private_key,
+                        save_cert, save_private_key)
+from ..protocol import cose
+from ..protocol.messages import RvRegister
+from ..protocol.proofs import otp_hash
+from ..protocol.tte import Label
+from ..util.files import atomic_write, atomic_write_json, read_json
+
+CA_KEY = "manufacturer-ca.key"
+CA_CERT = "manufacturer-ca.pem"
+FACTORY_FILE = "factory.json"
+SECRET_FILE = "n_device.secret"
+
+
+@dataclass(frozen=True)
+class RendezvousInfo:
+    """What a device must know of its rendezvous: URL, signing-key pin, TLS trust anchor."""
+    url: str
+    key_pem: str
+    tls_ca_pem: str
+
+    @classmethod
+    def load(cls, path: Path) -> "RendezvousInfo":
+        data = read_json(path)
+        return cls(url=data["url"], key_pem=data["key_pem"], tls_ca_pem=data["tls_ca_pem"])
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {"url": self.url, "key_pem": self.key_pem,
+                                 "tls_ca_pem": self.tls_ca_pem})
+
+
+@dataclass(frozen=True)
+class MadeDevice:
+    serial: str
+    urn: str
+    device_dir: Path
+    label: Label
+    registration: bytes   # COSE_Sign1 RvRegister, for the rendezvous
+
+
+class Manufacturer:
+    def __init__(self, directory: Path, *, name: str = "zerotouch manufacturer"):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / CA_KEY).exists():
+            key = generate_p256()
+            save_private_key(self.dir / CA_KEY, key)
+            save_cert(self.dir / CA_CERT, make_root(key, f"{name} CA", org=name))
+        self.ca = CertificateAuthority(load_private_key(self.dir / CA_KEY), load_cert(self.dir / CA_CERT))
+        self.name = name
+
+    @property
+    def ca_pem(self) -> bytes:
+        return cert_pem(self.ca.cert)
+
+    def _new_devid(self, devices_dir: Path) -> str:
+        while True:
+            devid = os.urandom(4).hex()
+            # ID 0 is reserved for examples; never reuse an ID this factory made.
+            if devid != "00000000" and not (devices_dir / devid).exists():
+                return devid
+
+    def make_device(self, out_dir: Path, rendezvous: RendezvousInfo, *,
+                    identity: str = "software") -> MadeDevice:
+        out_dir = Path(out_dir)
+        devices_dir = out_dir / "devices"
+        devices_dir.mkdir(parents=True, exist_ok=True)
+        serial = self._new_devid(devices_dir)
+        urn = f"{DEVICE_URN_PREFIX}{serial}"
+        device_dir = devices_dir / serial
+        device_dir.mkdir(mode=0o700)
+        backend = identity_factory(identity)
+        public_key = backend.provision(device_dir)
+        idevid = self.ca.issue_device(public_key, serial=serial, urn=urn, org=self.name)
+        backend.store_idevid(device_dir, cert_pem(idevid))
+        n_device = os.urandom(8)  # 64 random bits: the OTP printed on the label
+        atomic_write(device_dir / SECRET_FILE, n_device.hex().encode(), mode=0o600)
+        atomic_write(device_dir / "manufacturer-ca.pem", self.ca_pem)
+        atomic_write_json(device_dir / FACTORY_FILE, {
+            "serial": serial, "urn": urn, "identity": identity,
+            "rendezvous_url": rendezvous.url, "rendezvous_key_pem": rendezvous.key_pem,
+            "rendezvous_tls_ca_pem": rendezvous.tls_ca_pem,
+        })
+        label = Label(rendezvous=rendezvous.url, devid=serial, otp=n_device.hex())
+        write_label(label, out_dir / "labels")
+        salt = os.urandom(16)
+        reg = RvRegister(serial=serial, urn=urn, idevid=cert_der(idevid), otp_salt=salt,
+                         otp_hash=otp_hash(n_device, salt))
+        signed = cose.sign1(reg.encode(), cose.SoftwareSigner(self.ca.key), x5chain=[cert_der(self.ca.cert)])
+        return MadeDevice(serial=serial, urn=urn, device_dir=device_dir, label=label, registration=signed)
+
+
+def write_label(label: Label, labels_dir: Path) -> dict[str, Path]:
+    """The label as text, PNG and SVG QR codes (error correction H survives a scratched label)."""
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    qr = segno.make(label.url, error="h", micro=False)
+    paths = {"txt": labels_dir / f"{label.devid}.txt", "png": labels_dir / f"{label.devid}.png",
+             "svg": labels_dir / f"{label.devid}.svg"}
+    atomic_write(paths["txt"], (label.url + "\n").encode())
+    qr.save(str(paths["png"]), scale=6, border=4)
+    qr.save(str(paths["svg"]), scale=4, border=4)
+    return paths
+
+
+def read_factory(device_dir: Path) -> dict:
+    return json.loads((Path(device_dir) / FACTORY_FILE).read_text())

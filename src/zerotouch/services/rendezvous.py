@@ -1,0 +1,190 @@
+"""Rendezvous: registers devices from the factory, takes one claim per device, and answers a
+device's first call with a signed, nonce-fresh redirect to its owner. It never holds owner
+secrets or OTPs (only salted hashes)."""
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ..pki.ca import device_identity, load_der_cert, verify_device_chain
+from ..pki.keys import cert_fingerprint, spki_fingerprint
+from ..protocol import cose
+from ..protocol.codec import MAX_MESSAGE
+from ..protocol.errors import (Conflict, MalformedMessage, NotAuthorized, NotFound, ProtocolError,
+                               TryLater)
+from ..protocol.messages import FindOwner, Redirect, RvRegister, RvRegistered
+from ..protocol.proofs import check_otp
+from ..protocol.states import RendezvousStatus
+from ..protocol.verify import check_fresh, verify_device_signed
+from ..storage.base import RendezvousRepo, RvDeviceRecord
+
+HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+MAX_FAILED_CLAIMS = 10  # wrong OTPs per device before claims are refused (guessing)
+
+
+@dataclass
+class RendezvousConfig:
+    manufacturer_cas: list[x509.Certificate]
+    redirect_ttl: int = 300
+    retry_after: int = 5
+    clock: Callable[[], float] = time.time
+
+
+@dataclass
+class ClaimResult:
+    urn: str
+    fingerprint: str
+    status: str
+    serial: str
+    extra: dict = field(default_factory=dict)
+
+
+def parse_owner_address(cip: str, cport: str | int, cfingerprint: str) -> tuple[str, bytes]:
+    """Validate the TTE claim fields; return (gateway URL, owner key fingerprint)."""
+    cip = (cip or "").strip()
+    if not cip or len(cip) > 253:
+        raise MalformedMessage("cip (controller address) is required")
+    try:
+        ip = ipaddress.ip_address(cip)
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", cip):
+            raise MalformedMessage("cip must be an IP address or a host name") from None
+        host = cip.lower()
+    try:
+        port = int(cport)
+    except (TypeError, ValueError):
+        raise MalformedMessage("cport must be a port number") from None
+    if not 0 < port < 65536:
+        raise MalformedMessage("cport must be between 1 and 65535")
+    fp = (cfingerprint or "").strip().replace(":", "").lower()
+    if len(fp) != 64 or not HEX_RE.match(fp):
+        raise MalformedMessage("cfingerprint must be the 64-hex-digit SHA-256 of the owner key")
+    return f"https://{host}:{port}", bytes.fromhex(fp)
+
+
+class RendezvousService:
+    def __init__(self, repo: RendezvousRepo, signer: cose.Signer, config: RendezvousConfig):
+        self.repo = repo
+        self.signer = signer
+        self.cfg = config
+        self._ca_fps = {cert_fingerprint(c) for c in config.manufacturer_cas}
+
+    @property
+    def public_key(self):
+        return self.signer.public_key()
+
+    async def register(self, body: bytes) -> RvDeviceRecord:
+        """Manufacturer registers a device; the registration is signed by the manufacturer CA key."""
+        signed = cose.parse_sign1(body, max_size=MAX_MESSAGE)
+        chain = signed.x5chain
+        if not chain:
+            raise NotAuthorized("registration is not signed by a manufacturer CA")
+        ca = load_der_cert(chain[0])
+        if cert_fingerprint(ca) not in self._ca_fps:
+            raise NotAuthorized("registration is signed by an unknown manufacturer")
+        reg = RvRegister.decode(signed.verify(ca.public_key()))
+        idevid = load_der_cert(reg.idevid)
+        verify_device_chain(idevid, [ca])
+        serial, urn = device_identity(idevid)
+        if serial != reg.serial or urn != reg.urn:
+            raise MalformedMessage("registration names another device than its IDevID")
+        rec = RvDeviceRecord(serial=reg.serial, urn=reg.urn, idevid_der=reg.idevid,
+                             otp_salt=reg.otp_salt, otp_hash=reg.otp_hash,
+                             created_at=self.cfg.clock())
+        await self.repo.add(rec)
+        return rec
+
+    async def claim(self, *, otp_hex: str, devid_hex: str, cip: str, cport, cfingerprint: str) -> ClaimResult:
+        """One-time claim by OTP (TTE). A second claim is refused and changes nothing."""
+        serial, otp = _parse_label_ids(devid_hex, otp_hex)
+        gateway_url, owner_fp = parse_owner_address(cip, cport, cfingerprint)
+        rec = await self._check_otp(serial, otp)
+        if rec.status is RendezvousStatus.REVOKED:
+            raise ProtocolError("device is revoked", status=410, code="revoked")
+        if rec.status is not RendezvousStatus.NOT_MAPPED or not await self.repo.claim(
+                serial, gateway_url, owner_fp, self.cfg.clock()):
+            raise Conflict("this OTP was already used: the device is claimed. If you did not "
+                           "claim it, its label may have been copied.")
+        return self._claim_result(await self.repo.get(serial))
+
+    async def status(self, *, otp_hex: str, devid_hex: str) -> ClaimResult:
+        serial, otp = _parse_label_ids(devid_hex, otp_hex)
+        return self._claim_result(await self._check_otp(serial, otp))
+
+    async def _check_otp(self, serial: str, otp: bytes) -> RvDeviceRecord:
+        rec = await self.repo.get(serial)
+        if rec is None:
+            raise NotFound("no device with this devid is registered here")
+        if rec.failed_claims >= MAX_FAILED_CLAIMS:
+            raise ProtocolError("too many wrong OTPs for this device; ask the manufacturer",
+                                status=429, code="locked")
+        if not check_otp(otp, rec.otp_salt, rec.otp_hash):
+            await self.repo.note_failed_claim(serial)
+            raise NotAuthorized("the OTP does not match this device")
+        return rec
+
+    @staticmethod
+    def _claim_result(rec: RvDeviceRecord | None) -> ClaimResult:
+        assert rec is not None
+        fp = cert_fingerprint(load_der_cert(rec.idevid_der)).hex()
+        extra = {"gateway_url": rec.gateway_url} if rec.gateway_url else {}
+        return ClaimResult(urn=rec.urn, fingerprint=fp, status=rec.status.value, serial=rec.serial,
+                           extra=extra)
+
+    async def find_owner(self, body: bytes) -> bytes:
+        now = self.cfg.clock()
+        msg, cert = verify_device_signed(body, FindOwner, self.cfg.manufacturer_cas, now)
+        check_fresh(msg.time, now)
+        rec = await self.repo.get(msg.serial)
+        if rec is None:
+            raise NotFound("device is not registered at this rendezvous",
+                           retry_after=self.cfg.retry_after * 6)
+        if rec.idevid_der != cert.public_bytes(Encoding.DER):
+            raise NotAuthorized("certificate differs from the one registered for this device")
+        if rec.status is RendezvousStatus.REVOKED:
+            raise ProtocolError("device is revoked", status=410, code="revoked")
+        if rec.status is RendezvousStatus.NOT_MAPPED:
+            raise TryLater("device is not claimed by an owner yet", retry_after=self.cfg.retry_after)
+        assert rec.gateway_url and rec.owner_fp
+        redirect = Redirect(serial=rec.serial, nonce=msg.nonce, gateway_url=rec.gateway_url,
+                            owner_fp=rec.owner_fp, issued=int(now),
+                            expires=int(now) + self.cfg.redirect_ttl)
+        return cose.sign1(redirect.encode(), self.signer)
+
+    async def registered(self, body: bytes) -> None:
+        """The owner reports the device reached it: mapped → registered."""
+        signed = cose.parse_sign1(body, max_size=MAX_MESSAGE)
+        chain = signed.x5chain
+        if not chain:
+            raise NotAuthorized("report is not signed by an owner key")
+        owner_key = load_der_cert(chain[0]).public_key()
+        msg = RvRegistered.decode(signed.verify(owner_key))
+        now = self.cfg.clock()
+        check_fresh(msg.time, now)
+        rec = await self.repo.get(msg.serial)
+        if rec is None:
+            raise NotFound("device is not registered here")
+        if rec.owner_fp != spki_fingerprint(owner_key):
+            raise NotAuthorized("only the owner that claimed the device may report it")
+        if rec.status is RendezvousStatus.REGISTERED:
+            return
+        if not await self.repo.set_status(msg.serial, RendezvousStatus.MAPPED,
+                                          RendezvousStatus.REGISTERED, now):
+            raise Conflict(f"device is {rec.status.value}, not mapped")
+
+
+def _parse_label_ids(devid_hex: str, otp_hex: str) -> tuple[str, bytes]:
+    devid = (devid_hex or "").strip().lower()
+    otp = (otp_hex or "").strip().lower()
+    if len(devid) != 8 or not HEX_RE.match(devid):
+        raise MalformedMessage("devid must be 8 hex digits")
+    if len(otp) != 16 or not HEX_RE.match(otp):
+        raise MalformedMessage("otp must be 16 hex digits")
+    return devid, bytes.fromhex(otp)

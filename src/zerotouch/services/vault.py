@@ -1,0 +1,166 @@
+"""The vault: owner keys and device secrets. Reachable only from the gateway.
+
+It holds the owner key (which is also the owner CA key: the pin a device receives is the
+fingerprint of this key), N_device of every inventory device, and the channel secrets.
+N_device never leaves the vault: the gateway asks for an owner proof or a sealed secret.
+Private keys are PEM-encrypted with the vault key; secrets in the database are AES-GCM
+encrypted with a key derived from it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..pki.ca import CertificateAuthority, make_root
+from ..pki.keys import (cert_der, generate_p256, load_cert, load_private_key, save_cert,
+                        save_private_key, spki_fingerprint)
+from ..protocol import cose
+from ..protocol.errors import NotFound, MalformedMessage
+from ..protocol.proofs import owner_proof
+from ..protocol.sealing import seal_secret
+from ..storage.base import CertRepo, SecretRepo
+from ..util.files import atomic_write
+
+OWNER_KEY = "owner.key"
+OWNER_CA = "owner-ca.pem"
+VAULT_KEY = "vault.key"
+VAULT_KEY_ENV = "ZT_VAULT_KEY"
+
+
+class Vault(Protocol):
+    """What the gateway may ask of the vault. Every method is safe to expose over a wire."""
+
+    async def owner_ca_der(self) -> bytes: ...
+
+    async def sign(self, payload: bytes) -> bytes:
+        """COSE_Sign1 by the owner key, with the owner CA certificate in x5chain."""
+
+    async def put_device_secret(self, serial: str, n_device: bytes) -> None: ...
+
+    async def has_device_secret(self, serial: str) -> bool: ...
+
+    async def owner_proof(self, serial: str, nonce: bytes) -> bytes: ...
+
+    async def issue_ldevid(self, csr_der: bytes, serial: str, urn: str, days: float) -> bytes: ...
+
+    async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
+                                  nonce: bytes) -> bytes:
+        """Make a new channel secret, store it, return it sealed to the device (HPKE)."""
+
+
+def init_vault_dir(directory: Path, *, owner_name: str = "zerotouch owner") -> None:
+    """Create the vault key, the owner key and the self-signed owner CA (idempotent)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    if not (directory / VAULT_KEY).exists() and VAULT_KEY_ENV not in os.environ:
+        atomic_write(directory / VAULT_KEY, os.urandom(32).hex().encode(), mode=0o600)
+    if (directory / OWNER_KEY).exists():
+        return
+    master = _master_key(directory)
+    key = generate_p256()
+    save_private_key(directory / OWNER_KEY, key, passphrase=master)
+    save_cert(directory / OWNER_CA, make_root(key, f"{owner_name} CA", org=owner_name))
+
+
+def _master_key(directory: Path) -> bytes:
+    env = os.environ.get(VAULT_KEY_ENV)
+    if env:
+        return env.encode()
+    return (Path(directory) / VAULT_KEY).read_bytes().strip()
+
+
+def load_owner_ca(directory: Path) -> CertificateAuthority:
+    """For set-up commands (TLS certificates for the gateway and terminus)."""
+    directory = Path(directory)
+    key = load_private_key(directory / OWNER_KEY, passphrase=_master_key(directory))
+    return CertificateAuthority(key, load_cert(directory / OWNER_CA))
+
+
+def check_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
+    """Proof of possession and allowed key types; the subject comes from our records, not the CSR."""
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+    except ValueError:
+        raise MalformedMessage("CSR is not DER PKCS#10") from None
+    if not csr.is_signature_valid:
+        raise MalformedMessage("CSR signature is invalid (no proof of possession)")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    pub = csr.public_key()
+    if not (isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name in ("secp256r1", "secp384r1")):
+        raise MalformedMessage("CSR key must be EC P-256 or P-384")
+    return csr
+
+
+class LocalVault:
+    """In-process vault over the shared store."""
+
+    def __init__(self, directory: Path, secrets: SecretRepo, certs: CertRepo):
+        self.dir = Path(directory)
+        master = _master_key(self.dir)
+        self._ca = load_owner_ca(self.dir)
+        self._signer = cose.SoftwareSigner(self._ca.key)
+        self._ca_der = cert_der(self._ca.cert)
+        self._aead = AESGCM(HKDF(hashes.SHA256(), 32, salt=None,
+                                 info=b"zerotouch vault secrets").derive(master))
+        self._secrets = secrets
+        self._certs = certs
+
+    @property
+    def owner_fingerprint(self) -> bytes:
+        return spki_fingerprint(self._ca.key.public_key())
+
+    def _enc(self, kind: str, name: str, plain: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plain, f"{kind}|{name}".encode())
+
+    def _dec(self, kind: str, name: str, blob: bytes) -> bytes:
+        return self._aead.decrypt(blob[:12], blob[12:], f"{kind}|{name}".encode())
+
+    async def owner_ca_der(self) -> bytes:
+        return self._ca_der
+
+    async def sign(self, payload: bytes) -> bytes:
+        return cose.sign1(payload, self._signer, x5chain=[self._ca_der])
+
+    async def put_device_secret(self, serial: str, n_device: bytes) -> None:
+        await self._secrets.put("n_device", serial, self._enc("n_device", serial, n_device))
+
+    async def has_device_secret(self, serial: str) -> bool:
+        return await self._secrets.get("n_device", serial) is not None
+
+    async def _n_device(self, serial: str) -> bytes:
+        blob = await self._secrets.get("n_device", serial)
+        if blob is None:
+            raise NotFound(f"device {serial} is not in the owner's inventory")
+        return self._dec("n_device", serial, blob)
+
+    async def owner_proof(self, serial: str, nonce: bytes) -> bytes:
+        return owner_proof(await self._n_device(serial), nonce)
+
+    async def issue_ldevid(self, csr_der: bytes, serial: str, urn: str, days: float) -> bytes:
+        csr = check_csr(csr_der)
+        cert = self._ca.issue_device(csr.public_key(), serial=serial, urn=urn, days=days)
+        await self._certs.add(format(cert.serial_number, "x"), serial, cert_der(cert),
+                              cert.not_valid_after_utc.timestamp())
+        return cert_der(cert)
+
+    async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
+                                  nonce: bytes) -> bytes:
+        n_device = await self._n_device(serial)
+        secret = os.urandom(32)
+        sealed = seal_secret(seal_key, serial=serial, session=session, secret=secret,
+                             nonce=nonce, n_device=n_device)
+        await self._secrets.put("channel", serial, self._enc("channel", serial, secret))
+        return sealed
+
+    async def channel_secret(self, serial: str) -> bytes | None:
+        """For the terminus side of the channel (and for tests)."""
+        blob = await self._secrets.get("channel", serial)
+        return self._dec("channel", serial, blob) if blob else None
