@@ -74,9 +74,12 @@ async def publish_telemetry(*, host: str, port: int, ca_file: Path, cert_file: P
                                   if mid in acks else None)
 
     def on_disconnect(_c, _u, _flags, reason_code, _props) -> None:
-        err = TelemetryError(f"terminus closed the connection (reason {reason_code})")
-
         def fail_all() -> None:
+            # With TLS 1.3 the client finishes its handshake before the broker checks the client
+            # certificate, so a rejected certificate shows up here, as a close before CONNACK.
+            stage = "after CONNECT" if connected.done() else \
+                "before CONNACK (client certificate rejected?)"
+            err = TelemetryError(f"terminus closed the connection {stage}: {reason_code}")
             _resolve(connected, exc=err)
             for fut in acks.values():
                 _resolve(fut, exc=err)

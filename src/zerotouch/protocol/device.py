@@ -57,6 +57,11 @@ class DeviceOnboarding:
         self._csr_key_fp = b""
         self.result: OnboardingResult | None = None
 
+    @property
+    def owner_ca_der(self) -> bytes:
+        """The owner CA certificate, once the owner has proved itself."""
+        return self._owner_ca_der
+
     def _go(self, new: DeviceState) -> None:
         check_transition(DEVICE_TRANSITIONS, self.state, new)
         self.state = new

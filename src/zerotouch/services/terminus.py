@@ -74,7 +74,7 @@ def _config_text(files: TerminusFiles, crlfile: Path | None, run_as: str) -> str
         f"user {run_as}",
         "persistence false",
         f"log_dest file {files.log}",
-        "log_type error", "log_type warning", "log_type notice", "log_type information",
+        *(f"log_type {t}" for t in ("error", "warning", "notice", "information")),
         "connection_messages true",
         "allow_anonymous false",
         f"acl_file {files.acl}",
@@ -267,22 +267,26 @@ class TelemetryObserver:
                 parts = msg.topic.value.split("/")
                 if len(parts) >= 2:
                     self.counts[parts[1]] = self.counts.get(parts[1], 0) + 1
-                payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
-                self.messages.append((msg.topic.value, payload))
+                self.messages.append((msg.topic.value, bytes(msg.payload)))  # paho gives bytes
                 self._changed.set()
 
     async def wait_for(self, devices: set[str], timeout: float) -> bool:
         """True once every device in `devices` has at least one message; False on timeout."""
+        if self._task is None:
+            raise RuntimeError("observer not started")
         deadline = time.monotonic() + timeout
         while not all(self.counts.get(d, 0) > 0 for d in devices):
+            if self._task.done():  # connection lost: raise its error rather than time out
+                self._task.result()
+                raise ConnectionError("observer stopped receiving")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
-                pass
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({changed, self._task}, timeout=remaining,
+                               return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
         return True
 
     async def stop(self) -> None:

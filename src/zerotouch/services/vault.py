@@ -116,6 +116,11 @@ class LocalVault:
     def owner_fingerprint(self) -> bytes:
         return spki_fingerprint(self._ca.key.public_key())
 
+    @staticmethod
+    def fingerprint_of(ca: CertificateAuthority) -> str:
+        """The owner key pin, as the claim's `cfingerprint` carries it (hex)."""
+        return spki_fingerprint(ca.cert.public_key()).hex()
+
     def _enc(self, kind: str, name: str, plain: bytes) -> bytes:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plain, f"{kind}|{name}".encode())

@@ -1,0 +1,216 @@
+"""`zerotouch` command line: argument parsing only; the work is in services/."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _common_logging(args) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _ready(name: str, url: str):
+    def cb():
+        print(f"{name} listening on {url}", flush=True)
+    return cb
+
+
+def cmd_manufacture(args) -> int:
+    from ..services.admin import manufacture
+    return asyncio.run(manufacture(args.dir, args.rendezvous_info, count=args.count,
+                                   identity=args.identity, register=not args.no_register))
+
+
+def cmd_rendezvous(args) -> int:
+    from ..services import roles, servers
+    if args.action == "init":
+        info = roles.init_rendezvous(args.dir, host=args.host, port=args.port,
+                                     manufacturer_cas=args.manufacturer_ca, db=args.db,
+                                     public_host=args.public_host)
+        print(f"rendezvous initialised in {args.dir}; devices get {Path(args.dir) / 'public.json'} ({info.url})")
+        return 0
+    if args.action == "serve":
+        cfg = json.loads((Path(args.dir) / "config.json").read_text())
+        asyncio.run(servers.serve_rendezvous(args.dir, port=args.port,
+                                             on_ready=_ready("rendezvous", cfg["url"])))
+        return 0
+    if args.action == "status":
+        from ..services.admin import rendezvous_status
+        return asyncio.run(rendezvous_status(args.dir, args.serial))
+    return 2
+
+
+def cmd_gateway(args) -> int:
+    from ..services import admin, roles, servers
+    if args.action == "init":
+        cfg = roles.init_gateway(args.dir, host=args.host, port=args.port,
+                                 manufacturer_cas=args.manufacturer_ca, terminus_host=args.terminus_host,
+                                 terminus_port=args.terminus_port, rendezvous_info=args.rendezvous_info,
+                                 db=args.db, public_host=args.public_host)
+        print(f"gateway initialised in {args.dir}\n  url: {cfg['url']}\n"
+              f"  owner key fingerprint: {cfg['owner_fingerprint']}")
+        return 0
+    if args.action == "serve":
+        cfg = json.loads((Path(args.dir) / "config.json").read_text())
+        url = cfg["url"] if not args.port else cfg["url"].rsplit(":", 1)[0] + f":{args.port}"
+        asyncio.run(servers.serve_gateway(args.dir, port=args.port, on_ready=_ready("gateway", url)))
+        return 0
+    if args.action == "register":
+        return asyncio.run(admin.gateway_register(args.dir, args.label_url, args.csv, args.description))
+    if args.action == "inventory":
+        return asyncio.run(admin.gateway_inventory(args.dir, args.json))
+    return 2
+
+
+def cmd_terminus(args) -> int:
+    from ..services.admin import terminus_serve
+    return asyncio.run(terminus_serve(args.gateway_dir, args.dir))
+
+
+def cmd_agent(args) -> int:
+    from ..agent.runtime import Agent
+    report = asyncio.run(Agent(args.device_dir, max_attempts=args.max_attempts,
+                               deadline_s=args.deadline).run(telemetry=args.telemetry))
+    print(json.dumps(report.__dict__, indent=2))
+    return 0 if report.onboarded and not report.error else 1
+
+
+def cmd_introducer(args) -> int:
+    from ..introducer.claim import ClaimRefused, Owner, claim_device
+    gw_cfg, token, gw_ca = {}, None, None
+    if args.gateway_dir:
+        gw_cfg = json.loads((args.gateway_dir / "config.json").read_text())
+        token = (args.gateway_dir / "admin.token").read_text().strip()
+        gw_ca = (args.gateway_dir / "vault" / "owner-ca.pem").read_text()
+    owner = Owner(address=args.owner_address or gw_cfg.get("host", ""),
+                  port=args.owner_port or gw_cfg.get("port", 0),
+                  fingerprint=args.owner_fingerprint or gw_cfg.get("owner_fingerprint", ""),
+                  gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca)
+    ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
+    try:
+        result = asyncio.run(claim_device(args.label, owner, rendezvous_ca_pem=ca,
+                                          description=args.description))
+    except ClaimRefused as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..services.demo import run_demo_cli
+    return run_demo_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerotouch", description="Zero-touch device onboarding")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("manufacture", help="make devices: identity, IDevID, OTP, label; register them")
+    m.add_argument("--dir", required=True, type=Path, help="factory directory (CA, devices/, labels/)")
+    m.add_argument("--rendezvous-info", required=True, type=Path, help="the rendezvous' public.json")
+    m.add_argument("--count", type=int, default=1)
+    m.add_argument("--identity", default="software", help="identity backend (software)")
+    m.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
+    m.set_defaults(func=cmd_manufacture)
+
+    r = sub.add_parser("rendezvous", help="the rendezvous service")
+    rs = r.add_subparsers(dest="action", required=True)
+    ri = rs.add_parser("init")
+    ri.add_argument("--dir", required=True, type=Path)
+    ri.add_argument("--host", default="127.0.0.1")
+    ri.add_argument("--public-host", help="host name devices use, if not --host")
+    ri.add_argument("--port", type=int, default=8443)
+    ri.add_argument("--manufacturer-ca", action="append", required=True, help="trusted manufacturer CA PEM")
+    ri.add_argument("--db", help="database URL (default: sqlite in --dir)")
+    rsv = rs.add_parser("serve")
+    rsv.add_argument("--dir", required=True, type=Path)
+    rsv.add_argument("--port", type=int, help="override the configured port")
+    rst = rs.add_parser("status")
+    rst.add_argument("--dir", required=True, type=Path)
+    rst.add_argument("serial", nargs="?")
+    r.set_defaults(func=cmd_rendezvous)
+
+    g = sub.add_parser("gateway", help="the owner gateway (with its vault)")
+    gs = g.add_subparsers(dest="action", required=True)
+    gi = gs.add_parser("init")
+    gi.add_argument("--dir", required=True, type=Path)
+    gi.add_argument("--host", default="127.0.0.1")
+    gi.add_argument("--public-host")
+    gi.add_argument("--port", type=int, default=8444)
+    gi.add_argument("--manufacturer-ca", action="append", required=True)
+    gi.add_argument("--terminus-host", default="127.0.0.1")
+    gi.add_argument("--terminus-port", type=int, default=8883)
+    gi.add_argument("--rendezvous-info", help="rendezvous public.json (to report devices as registered)")
+    gi.add_argument("--db")
+    gsv = gs.add_parser("serve")
+    gsv.add_argument("--dir", required=True, type=Path)
+    gsv.add_argument("--port", type=int, help="override the configured port (run several replicas)")
+    gr = gs.add_parser("register", help="add devices to the inventory from labels")
+    gr.add_argument("--dir", required=True, type=Path)
+    gr.add_argument("label_url", nargs="?")
+    gr.add_argument("--csv", type=Path, help="CSV with columns label_url[,description]")
+    gr.add_argument("--description", default="")
+    gv = gs.add_parser("inventory", help="list the inventory")
+    gv.add_argument("--dir", required=True, type=Path)
+    gv.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_gateway)
+
+    t = sub.add_parser("terminus", help="the owner's MQTT broker (Mosquitto)")
+    ts = t.add_subparsers(dest="action", required=True)
+    tsv = ts.add_parser("serve")
+    tsv.add_argument("--gateway-dir", required=True, type=Path)
+    tsv.add_argument("--dir", type=Path, help="where the Mosquitto config goes (default GATEWAY_DIR/terminus)")
+    t.set_defaults(func=cmd_terminus)
+
+    a = sub.add_parser("agent", help="the device agent")
+    as_ = a.add_subparsers(dest="action", required=True)
+    ar = as_.add_parser("run")
+    ar.add_argument("--device-dir", required=True, type=Path)
+    ar.add_argument("--telemetry", type=int, default=3, help="telemetry messages to publish")
+    ar.add_argument("--max-attempts", type=int, default=None)
+    ar.add_argument("--deadline", type=float, default=None, help="give up after this many seconds")
+    a.set_defaults(func=cmd_agent)
+
+    i = sub.add_parser("introducer", help="claim devices for an owner")
+    is_ = i.add_subparsers(dest="action", required=True)
+    ic = is_.add_parser("claim")
+    ic.add_argument("label", help="label URL (https://<rendezvous>/.well-known/tte?otp=..&devid=..)")
+    ic.add_argument("--gateway-dir", type=Path, help="owner gateway dir: address, fingerprint, admin token")
+    ic.add_argument("--owner-address", help="cip: the owner gateway's host")
+    ic.add_argument("--owner-port", type=int, help="cport")
+    ic.add_argument("--owner-fingerprint", help="cfingerprint: SHA-256 of the owner key (hex)")
+    ic.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
+    ic.add_argument("--description", default="")
+    i.set_defaults(func=cmd_introducer)
+
+    d = sub.add_parser("demo", help="a whole fleet end to end on loopback")
+    d.add_argument("--devices", type=int, default=20)
+    d.add_argument("--db", help="database URL, e.g. postgresql://127.0.0.1/test (default SQLite)")
+    d.add_argument("--state-dir", type=Path, help="keep everything here (default: a temp dir)")
+    d.add_argument("--concurrency", type=int, default=16, help="devices powering on at once")
+    d.add_argument("--telemetry", type=int, default=3, help="messages each device publishes")
+    d.add_argument("--gateways", type=int, default=2, help="gateway processes on one database")
+    d.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    d.add_argument("--serve", action="store_true", help="keep every role running afterwards")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _common_logging(args)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""One-shot operations behind CLI commands (inventory, status, manufacture, terminus)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..protocol.errors import ProtocolError
+from ..util.files import read_json
+from .manufacturer import Manufacturer, RendezvousInfo
+from .roles import build_gateway, build_rendezvous, owner_ca
+
+console = Console(stderr=True)
+
+
+async def register_devices(rendezvous: RendezvousInfo, registrations: list[bytes], *,
+                           concurrency: int = 16) -> list[tuple[int, bytes]]:
+    """POST each signed registration to the rendezvous over HTTPS."""
+    import aiohttp
+
+    from ..transport.http.client import post_cbor
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as session:
+        async def one(reg: bytes):
+            async with sem:
+                return await post_cbor(f"{rendezvous.url}/rv/v1/devices", reg,
+                                       ca_pem=rendezvous.tls_ca_pem, session=session)
+        return await asyncio.gather(*(one(r) for r in registrations))
+
+
+async def manufacture(directory: Path, rendezvous_info: Path, *, count: int, identity: str,
+                      register: bool) -> int:
+    info = RendezvousInfo.load(rendezvous_info)
+    factory = Manufacturer(directory)
+    made = [factory.make_device(directory, info, identity=identity) for _ in range(count)]
+    failed = 0
+    if register:
+        for dev, (status, body) in zip(made, await register_devices(info, [d.registration for d in made])):
+            if status != 201:
+                failed += 1
+                console.print(f"[red]{dev.serial}: rendezvous refused registration ({status}): {body[:200]!r}")
+    for dev in made:
+        print(f"{dev.serial}  {dev.label.url}  {dev.device_dir}")
+    return 1 if failed else 0
+
+
+async def rendezvous_status(directory: Path, serial: str | None) -> int:
+    rv = await build_rendezvous(directory)
+    try:
+        if serial:
+            rec = await rv.store.rendezvous.get(serial)
+            if rec is None:
+                console.print(f"no device {serial}")
+                return 1
+            print(json.dumps({"serial": rec.serial, "urn": rec.urn, "status": rec.status.value,
+                              "gateway_url": rec.gateway_url,
+                              "owner_fp": rec.owner_fp.hex() if rec.owner_fp else None}, indent=2))
+        else:
+            print(json.dumps(await rv.store.rendezvous.count_by_status(), indent=2))
+    finally:
+        await rv.store.close()
+    return 0
+
+
+async def gateway_register(directory: Path, label_url: str | None, csv_path: Path | None,
+                           description: str) -> int:
+    gw = await build_gateway(directory)
+    try:
+        if csv_path:
+            recs = await gw.service.register_csv(Path(csv_path).read_text())
+        elif label_url:
+            recs = [await gw.service.register_label(label_url, description)]
+        else:
+            console.print("give a label URL or --csv FILE")
+            return 2
+        for r in recs:
+            print(f"added {r.serial} ({r.description or 'no description'})")
+        return 0
+    except ProtocolError as exc:
+        console.print(f"[red]refused:[/red] {exc.message}")
+        return 1
+    finally:
+        await gw.store.close()
+
+
+async def gateway_inventory(directory: Path, as_json: bool) -> int:
+    gw = await build_gateway(directory)
+    try:
+        recs = await gw.store.inventory.list(limit=100_000)
+    finally:
+        await gw.store.close()
+    if as_json:
+        print(json.dumps([{"serial": r.serial, "state": r.state.value, "description": r.description,
+                           "last_error": r.last_error} for r in recs], indent=2))
+        return 0
+    table = Table(title="inventory")
+    for col in ("serial", "state", "description", "last error"):
+        table.add_column(col)
+    for r in recs:
+        table.add_row(r.serial, r.state.value, r.description, r.last_error or "")
+    Console().print(table)
+    return 0
+
+
+async def terminus_serve(gateway_dir: Path, directory: Path | None) -> int:
+    from .terminus import Terminus, find_mosquitto, write_terminus_config
+    if find_mosquitto() is None:
+        console.print("[red]Mosquitto is not installed: apt-get install mosquitto")
+        return 1
+    cfg = read_json(Path(gateway_dir) / "config.json")
+    files = write_terminus_config(directory or Path(gateway_dir) / "terminus", ca=owner_ca(gateway_dir),
+                                  host=cfg["terminus_host"], port=cfg["terminus_port"])
+    async with Terminus(files) as term:
+        print(f"terminus listening on {term.url}", flush=True)
+        await asyncio.Event().wait()
+    return 0

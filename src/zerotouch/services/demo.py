@@ -1,0 +1,339 @@
+"""`zerotouch demo`: every role on loopback, a fleet manufactured, claimed and onboarded.
+
+Rendezvous and gateway replicas run as their own processes (behind a round-robin balancer,
+on one database); Mosquitto is the terminus; the simulated devices run here, concurrently.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..agent.runtime import Agent, AgentReport
+from ..introducer.claim import Owner, claim_device
+from ..transport.http.client import HttpDeviceTransport
+from ..util.files import atomic_write_json, read_json
+from ..util.net import RoundRobinBalancer, free_port, wait_for_port
+from .admin import register_devices
+from .manufacturer import Manufacturer, RendezvousInfo
+from .roles import init_gateway, init_rendezvous, owner_ca
+from .terminus import TelemetryObserver, Terminus, find_mosquitto, write_terminus_config
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class DemoOptions:
+    devices: int = 20
+    db: str | None = None
+    state_dir: Path | None = None
+    concurrency: int = 16
+    telemetry: int = 3
+    gateways: int = 2
+    json: bool = False
+    serve: bool = False
+
+
+@dataclass
+class DemoResult:
+    devices: int
+    onboarded: int
+    failed: int
+    p50_ms: float | None
+    p95_ms: float | None
+    max_ms: float | None
+    wall_s: float
+    telemetry_devices: int
+    telemetry_messages: int
+    gateway_replicas: int
+    gateway_connections: list[int]
+    db: str
+    terminus: str
+    state_dir: str
+    reports: list[AgentReport] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        keys = ("devices", "onboarded", "failed", "p50_ms", "p95_ms", "max_ms", "wall_s",
+                "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
+                "db", "terminus", "state_dir")
+        return {k: getattr(self, k) for k in keys}
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+async def _pg_schema(db: str, create: bool, schema: str) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+    u = make_url(db)
+    conn = await asyncpg.connect(host=u.host or "127.0.0.1", port=u.port or 5432,
+                                 user=u.username, password=u.password, database=u.database)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}" if create else f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+class Processes:
+    """Server processes started by the demo; stopped together."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, asyncio.subprocess.Process]] = []
+
+    async def start(self, name: str, *args: str) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "zerotouch.cli", *args,
+                                                    stdout=log, stderr=log, env=env)
+        self.procs.append((name, proc))
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.returncode is not None:
+                tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    async def stop(self) -> None:
+        for _name, proc in self.procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for _name, proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
+    temp = opts.state_dir is None
+    root = Path(opts.state_dir or tempfile.mkdtemp(prefix="zerotouch-demo-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    schema = None
+    rv_db = gw_db = None
+    if opts.db and opts.db.startswith(("postgresql", "postgres")):
+        # Each run gets its own schema, so runs never see each other's devices.
+        schema = "zt_demo_" + secrets.token_hex(4)
+        await _pg_schema(opts.db, True, schema)
+        sep = "&" if "?" in opts.db else "?"
+        rv_db = gw_db = f"{opts.db}{sep}schema={schema}"
+    elif opts.db:
+        rv_db = gw_db = opts.db
+    procs = Processes(root / "logs")
+    terminus = observer = balancer = None
+    started = time.monotonic()
+    try:
+        rv_port, gw_port, term_port = free_port(), free_port(), free_port()
+        replica_ports = [free_port() for _ in range(max(1, opts.gateways))]
+        factory = Manufacturer(root / "factory", name="Acme Devices")
+        ca_file = str(root / "factory" / "manufacturer-ca.pem")
+        info = init_rendezvous(root / "rendezvous", host=HOST, port=rv_port, manufacturer_cas=[ca_file], db=rv_db)
+        gw_cfg = init_gateway(root / "gateway", host=HOST, port=gw_port, manufacturer_cas=[ca_file],
+                              terminus_host=HOST, terminus_port=term_port,
+                              rendezvous_info=str(root / "rendezvous" / "public.json"), db=gw_db)
+
+        console.print(f"[bold]state[/bold] {root}")
+        terminus_desc = "none"
+        if find_mosquitto():
+            files = write_terminus_config(root / "terminus", ca=owner_ca(root / "gateway"), host=HOST,
+                                          port=term_port)
+            terminus = Terminus(files)
+            await terminus.start()
+            observer = TelemetryObserver.for_terminus(files)
+            await observer.start()
+            terminus_desc = terminus.url
+        else:
+            console.print("[yellow]Mosquitto is not installed (apt-get install mosquitto): devices "
+                          "onboard but no terminus runs, so no telemetry is measured.[/yellow]")
+
+        await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"))
+        for i, port in enumerate(replica_ports):
+            await procs.start(f"gateway-{i + 1}", "gateway", "serve", "--dir", str(root / "gateway"),
+                              "--port", str(port))
+        balancer = RoundRobinBalancer(HOST, gw_port, [(HOST, p) for p in replica_ports])
+        await balancer.start()
+        for port in [rv_port, *replica_ports]:
+            try:
+                await wait_for_port(HOST, port, timeout=30)
+            except TimeoutError:
+                procs.check()
+                raise
+
+        # Factory: identities, IDevIDs, labels, registration at the rendezvous.
+        made = [factory.make_device(root / "factory", info) for _ in range(opts.devices)]
+        regs = await register_devices(info, [d.registration for d in made])
+        bad = [s for s, _ in regs if s != 201]
+        if bad:
+            raise RuntimeError(f"rendezvous refused {len(bad)} registrations (HTTP {bad[0]})")
+        console.print(f"manufactured and registered {len(made)} devices")
+
+        # Introducer: claim each label for the owner and add it to the owner's inventory.
+        owner = Owner(address=HOST, port=gw_port, fingerprint=gw_cfg["owner_fingerprint"],
+                      gateway_url=gw_cfg["url"], admin_token=(root / "gateway" / "admin.token").read_text().strip(),
+                      gateway_ca_pem=(root / "gateway" / "vault" / "owner-ca.pem").read_text())
+        sem = asyncio.Semaphore(8)
+
+        async def introduce(dev):
+            async with sem:
+                await claim_device(dev.label.url, owner, rendezvous_ca_pem=info.tls_ca_pem,
+                                   description=f"demo device {dev.serial}")
+        await asyncio.gather(*(introduce(d) for d in made))
+        console.print(f"claimed {len(made)} devices for owner {gw_cfg['owner_fingerprint'][:16]}…")
+
+        # Power on.
+        reports: list[AgentReport] = []
+        run_sem = asyncio.Semaphore(max(1, opts.concurrency))
+        telemetry = opts.telemetry if terminus else 0
+        progress = Progress(TextColumn("onboarding"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=False)
+        with progress:
+            task = progress.add_task("devices", total=len(made))
+
+            async def power_on(dev):
+                async with run_sem:
+                    transport = HttpDeviceTransport(rendezvous_ca_pem=info.tls_ca_pem, keepalive=False)
+                    agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
+                    report = await agent.run(telemetry=telemetry)
+                reports.append(report)
+                progress.advance(task)
+            await asyncio.gather(*(power_on(d) for d in made))
+
+        onboarded_serials = {r.serial for r in reports if r.onboarded}
+        if observer is not None and telemetry:
+            await observer.wait_for(onboarded_serials, timeout=10)
+        procs.check()
+        times = sorted(r.onboarding_ms for r in reports if r.onboarded and r.onboarding_ms is not None)
+        failed = [r for r in reports if not r.onboarded or r.error]
+        counts = dict(observer.counts) if observer else {}
+        result = DemoResult(
+            devices=len(made), onboarded=len(made) - len(failed), failed=len(failed),
+            p50_ms=_round(percentile(times, 50)), p95_ms=_round(percentile(times, 95)),
+            max_ms=_round(times[-1] if times else None), wall_s=round(time.monotonic() - started, 2),
+            telemetry_devices=sum(1 for s in onboarded_serials if counts.get(s)),
+            telemetry_messages=sum(counts.get(s, 0) for s in onboarded_serials),
+            gateway_replicas=len(replica_ports), gateway_connections=list(balancer.connections.values()),
+            db=_safe_db(rv_db or "sqlite (one file per role)"), terminus=terminus_desc,
+            state_dir=str(root), reports=sorted(reports, key=lambda r: r.serial))
+        for r in result.reports:
+            r.telemetry_sent = counts.get(r.serial, 0) if observer else 0
+        if opts.serve:
+            endpoints = {"rendezvous": info.url, "gateway": gw_cfg["url"],
+                         "gateway_replicas": [f"https://{HOST}:{p}" for p in replica_ports],
+                         "terminus": terminus_desc, "db": _safe_db(rv_db or "sqlite"),
+                         "devices_dir": str(root / "factory" / "devices"),
+                         "labels_dir": str(root / "factory" / "labels"),
+                         "gateway_dir": str(root / "gateway"), "rendezvous_dir": str(root / "rendezvous")}
+            atomic_write_json(root / "endpoints.json", endpoints)
+        return result
+    finally:
+        if not opts.serve:
+            await _shutdown(procs, balancer, observer, terminus)
+            if schema:
+                await _pg_schema(opts.db, False, schema)
+            if temp:
+                shutil.rmtree(root, ignore_errors=True)
+        else:
+            _SERVING.extend([procs, balancer, observer, terminus])
+
+
+_SERVING: list = []
+
+
+async def _shutdown(procs, balancer, observer, terminus) -> None:
+    if observer:
+        await observer.stop()
+    if balancer:
+        await balancer.stop()
+    await procs.stop()
+    if terminus:
+        await terminus.stop()
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def _safe_db(url: str) -> str:
+    """Never print a database password."""
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def print_summary(result: DemoResult, console: Console) -> None:
+    table = Table(title="devices")
+    for col in ("serial", "reached", "onboarding ms", "attempts", "telemetry", "error"):
+        table.add_column(col)
+    for r in result.reports:
+        reached = "terminus" if r.telemetry_sent else ("onboarded" if r.onboarded else "failed")
+        table.add_row(r.serial, reached, f"{r.onboarding_ms:.0f}" if r.onboarding_ms else "-",
+                      str(r.attempts), str(r.telemetry_sent), (r.error or "")[:60])
+    console.print(table)
+    s = Table(title="summary", show_header=False)
+    s.add_column("what")
+    s.add_column("value")
+    rows = [("devices", result.devices), ("onboarded", result.onboarded), ("failed", result.failed),
+            ("onboarding p50 / p95 / max (ms)", f"{result.p50_ms} / {result.p95_ms} / {result.max_ms}"),
+            ("telemetry: devices heard / messages", f"{result.telemetry_devices} / {result.telemetry_messages}"),
+            ("gateway replicas (connections each)", f"{result.gateway_replicas} ({result.gateway_connections})"),
+            ("database", result.db), ("terminus", result.terminus), ("wall time (s)", result.wall_s)]
+    for k, v in rows:
+        s.add_row(k, str(v))
+    console.print(s)
+
+
+def run_demo_cli(args) -> int:
+    opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
+                       concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
+                       json=args.json, serve=args.serve)
+    if opts.devices < 1:
+        print("--devices must be at least 1", file=sys.stderr)
+        return 2
+    if opts.serve and opts.state_dir is None:
+        opts.state_dir = Path("demo-state")
+    console = Console(stderr=opts.json)  # with --json, stdout carries only the JSON line
+
+    async def main() -> int:
+        result = await run_demo(opts, console)
+        print_summary(result, console)
+        if opts.json:
+            print(json.dumps(result.summary()), flush=True)
+        if opts.serve:
+            console.print(f"every role keeps running; endpoints in {Path(result.state_dir) / 'endpoints.json'}. "
+                          "Ctrl-C stops them.")
+            try:
+                await asyncio.Event().wait()
+            finally:
+                procs, balancer, observer, terminus = _SERVING
+                await _shutdown(procs, balancer, observer, terminus)
+        return 0 if result.failed == 0 else 1
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["run_demo", "DemoOptions", "DemoResult", "read_json"]

@@ -1,0 +1,156 @@
+"""Composition roots: each role's directory, its one-time set-up, and its running service.
+
+rendezvous dir: rendezvous.key (signing, 0600), tls-ca.pem/.key, tls.pem/.key, config.json,
+                public.json (what the manufacturer gives devices: URL, key pin, TLS CA)
+gateway dir:    vault/ (owner key encrypted, owner CA, vault key), tls.pem/.key (from the
+                owner CA), admin.token (0600), config.json, terminus/ (Mosquitto config)
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from ..pki.ca import CertificateAuthority, make_root
+from ..pki.keys import (cert_pem, generate_p256, load_cert, load_private_key, public_key_pem,
+                        save_cert, save_private_key)
+from ..protocol.cose import SoftwareSigner
+from ..storage import open_store
+from ..util.files import atomic_write, atomic_write_json, read_json
+from .gateway import GatewayConfig, GatewayService
+from .manufacturer import RendezvousInfo
+from .rendezvous import RendezvousConfig, RendezvousService
+from .vault import LocalVault, init_vault_dir, load_owner_ca
+
+
+def _url(host: str, port: int, scheme: str = "https") -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{h}:{port}"
+
+
+def _read_pems(paths: list[str]) -> list[x509.Certificate]:
+    out = []
+    for p in paths:
+        out.extend(x509.load_pem_x509_certificates(Path(p).read_bytes()))
+    return out
+
+
+def default_db(directory: Path) -> str:
+    return f"sqlite:///{Path(directory).resolve()}/state.db"
+
+
+# --- rendezvous -------------------------------------------------------------------------------
+def init_rendezvous(directory: Path, *, host: str, port: int, manufacturer_cas: list[str],
+                    db: str | None = None, public_host: str | None = None) -> RendezvousInfo:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    url = _url(public_host or host, port)
+    if not (d / "rendezvous.key").exists():
+        save_private_key(d / "rendezvous.key", generate_p256())
+        tls_ca_key = generate_p256()
+        tls_ca = make_root(tls_ca_key, "zerotouch rendezvous TLS CA")
+        save_private_key(d / "tls-ca.key", tls_ca_key)
+        save_cert(d / "tls-ca.pem", tls_ca)
+        key = generate_p256()
+        cert = CertificateAuthority(tls_ca_key, tls_ca).issue_server(
+            key.public_key(), common_name=public_host or host,
+            hosts=sorted({public_host or host, host, "localhost"}))
+        save_private_key(d / "tls.key", key)
+        save_cert(d / "tls.pem", cert)
+    atomic_write_json(d / "config.json", {
+        "host": host, "port": port, "url": url, "db": db or default_db(d),
+        "manufacturer_cas": [str(Path(p).resolve()) for p in manufacturer_cas]})
+    signing = load_private_key(d / "rendezvous.key")
+    info = RendezvousInfo(url=url, key_pem=public_key_pem(signing.public_key()).decode(),
+                          tls_ca_pem=(d / "tls-ca.pem").read_text())
+    info.save(d / "public.json")
+    return info
+
+
+@dataclass
+class RunningRendezvous:
+    service: RendezvousService
+    store: object
+    config: dict
+    directory: Path
+
+
+async def build_rendezvous(directory: Path) -> RunningRendezvous:
+    d = Path(directory)
+    cfg = read_json(d / "config.json")
+    store = await open_store(cfg["db"])
+    service = RendezvousService(store.rendezvous, SoftwareSigner(load_private_key(d / "rendezvous.key")),
+                                RendezvousConfig(manufacturer_cas=_read_pems(cfg["manufacturer_cas"])))
+    return RunningRendezvous(service, store, cfg, d)
+
+
+# --- owner gateway ----------------------------------------------------------------------------
+def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: list[str],
+                 terminus_host: str = "127.0.0.1", terminus_port: int = 8883,
+                 rendezvous_info: str | None = None, db: str | None = None,
+                 public_host: str | None = None, owner_name: str = "zerotouch owner") -> dict:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    init_vault_dir(d / "vault", owner_name=owner_name)
+    ca = load_owner_ca(d / "vault")
+    if not (d / "tls.pem").exists():
+        key = generate_p256()
+        cert = ca.issue_server(key.public_key(), common_name=public_host or host,
+                               hosts=sorted({public_host or host, host, "localhost"}))
+        save_private_key(d / "tls.key", key)
+        save_cert(d / "tls.pem", cert)
+    if not (d / "admin.token").exists():
+        atomic_write(d / "admin.token", secrets.token_urlsafe(32).encode(), mode=0o600)
+    rv = RendezvousInfo.load(Path(rendezvous_info)) if rendezvous_info else None
+    cfg = {"host": host, "port": port, "url": _url(public_host or host, port),
+           "db": db or default_db(d),
+           "manufacturer_cas": [str(Path(p).resolve()) for p in manufacturer_cas],
+           "terminus_host": terminus_host, "terminus_port": terminus_port,
+           "rendezvous_url": rv.url if rv else None, "rendezvous_tls_ca_pem": rv.tls_ca_pem if rv else None,
+           "owner_fingerprint": LocalVault.fingerprint_of(ca)}
+    atomic_write_json(d / "config.json", cfg)
+    return cfg
+
+
+def owner_ca(directory: Path) -> CertificateAuthority:
+    return load_owner_ca(Path(directory) / "vault")
+
+
+@dataclass
+class RunningGateway:
+    service: GatewayService
+    store: object
+    config: dict
+    directory: Path
+
+    @property
+    def admin_token(self) -> str:
+        return (self.directory / "admin.token").read_text().strip()
+
+
+async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
+    d = Path(directory)
+    cfg = read_json(d / "config.json")
+    store = await open_store(cfg["db"])
+    vault = vault or LocalVault(d / "vault", store.secrets, store.certs)
+    notifier = None
+    if cfg.get("rendezvous_url"):
+        from ..transport.http.client import post_cbor
+
+        async def notifier(report: bytes, _url=cfg["rendezvous_url"], _ca=cfg.get("rendezvous_tls_ca_pem")):
+            status, body = await post_cbor(f"{_url}/rv/v1/registered", report, ca_pem=_ca, timeout=5)
+            if status not in (200, 204):
+                raise RuntimeError(f"rendezvous answered {status}")
+    service = GatewayService(store, vault, GatewayConfig(
+        manufacturer_cas=_read_pems(cfg["manufacturer_cas"]), terminus_host=cfg["terminus_host"],
+        terminus_port=cfg["terminus_port"]), notify_rendezvous=notifier)
+    return RunningGateway(service, store, cfg, d)
+
+
+__all__ = ["init_rendezvous", "build_rendezvous", "init_gateway", "build_gateway", "owner_ca",
+           "cert_pem", "load_cert"]

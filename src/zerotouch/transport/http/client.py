@@ -1,0 +1,145 @@
+"""HTTP clients: the device side of onboarding, and the admin/introducer/manufacturer calls."""
+from __future__ import annotations
+
+import functools
+import ssl
+from typing import Any
+
+import aiohttp
+
+from ...protocol.codec import MAX_MESSAGE
+from ...protocol.errors import MalformedMessage, ProtocolError, RemoteError, TryLater
+from ...protocol.messages import ErrorReply
+
+CBOR = "application/cbor"
+
+
+class PeerRefused(RemoteError):
+    """The server answered with an error status."""
+
+
+@functools.lru_cache(maxsize=64)
+def client_ssl_context(ca_pem: str | bytes | None) -> ssl.SSLContext:
+    """Verify the server against `ca_pem`; None means 'authenticate in the messages instead'.
+
+    Contexts are cached: building one is cheap only without the system CA store, which we
+    never need (every trust anchor here is pinned).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_pem:
+        ctx.load_verify_locations(cadata=ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem)
+    else:
+        # Gateway before the owner is known: its certificate is checked against the owner CA
+        # once the signed challenge has proved which owner this is (see Agent).
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _error_from(status: int, body: bytes, headers) -> ProtocolError:
+    retry = headers.get("Retry-After")
+    retry_after = int(retry) if retry and retry.isdigit() else None
+    code, message = "http_error", f"HTTP {status}"
+    try:
+        reply = ErrorReply.decode(body, max_size=4096)
+        code, message = reply.code, reply.message
+        retry_after = reply.retry_after if reply.retry_after is not None else retry_after
+    except ProtocolError:
+        try:
+            import json
+            data = json.loads(body)
+            code, message = data.get("error", code), data.get("message", message)
+        except Exception:
+            pass
+    cls = TryLater if status == 503 else PeerRefused
+    return cls(f"{message} (HTTP {status})", status=status, code=code, retry_after=retry_after)
+
+
+class HttpDeviceTransport:
+    """How an agent reaches the rendezvous and the gateway over HTTPS."""
+
+    name = "http"
+
+    def __init__(self, *, rendezvous_ca_pem: str | None, timeout: float = 15.0,
+                 keepalive: bool = True):
+        self._keepalive = keepalive
+        self._rv_ssl = client_ssl_context(rendezvous_ca_pem)
+        self._gw_ssl = client_ssl_context(None)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self.gateway_peer_cert: bytes | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        # Without keep-alive every request is a new connection, so a load balancer can send
+        # consecutive requests of one onboarding to different gateway replicas.
+        return aiohttp.ClientSession(timeout=self._timeout,
+                                     connector=aiohttp.TCPConnector(force_close=not self._keepalive))
+
+    async def __aenter__(self):
+        self._session = self._new_session()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post(self, url: str, body: bytes, ctx: ssl.SSLContext, *, capture_peer: bool = False) -> bytes:
+        if self._session is None:
+            self._session = self._new_session()
+        self.bytes_sent += len(body)
+        async with self._session.post(url, data=body, headers={"Content-Type": CBOR}, ssl=ctx) as resp:
+            if capture_peer and resp.connection is not None and resp.connection.transport is not None:
+                ssl_obj = resp.connection.transport.get_extra_info("ssl_object")
+                if ssl_obj is not None:
+                    self.gateway_peer_cert = ssl_obj.getpeercert(binary_form=True)
+            data = await resp.content.read(MAX_MESSAGE + 1)
+            self.bytes_received += len(data)
+            if len(data) > MAX_MESSAGE:
+                raise MalformedMessage("server answer is too large")
+            if resp.status != 200:
+                raise _error_from(resp.status, data, resp.headers)
+            return data
+
+    async def find_owner(self, rendezvous_url: str, body: bytes) -> bytes:
+        return await self._post(f"{rendezvous_url}/rv/v1/find-owner", body, self._rv_ssl)
+
+    async def gateway(self, gateway_url: str, step: str, body: bytes) -> bytes:
+        return await self._post(f"{gateway_url}/zt/v1/{step}", body, self._gw_ssl, capture_peer=True)
+
+
+async def post_json(url: str, *, json_body: Any = None, data: Any = None, content_type: str | None = None,
+                    ca_pem: str | None = None, token: str | None = None, insecure: bool = False,
+                    timeout: float = 15.0) -> tuple[int, Any]:
+    """Small helper for admin/introducer calls; returns (status, parsed JSON or text)."""
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if content_type:
+        headers["Content-Type"] = content_type
+    ctx = client_ssl_context(None if insecure else ca_pem) if url.startswith("https") else None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.post(url, json=json_body, data=data, headers=headers, ssl=ctx) as resp:
+            try:
+                return resp.status, await resp.json(content_type=None)
+            except Exception:
+                return resp.status, await resp.text()
+
+
+async def post_cbor(url: str, body: bytes, *, ca_pem: str | None, timeout: float = 15.0,
+                    session: aiohttp.ClientSession | None = None) -> tuple[int, bytes]:
+    ctx = client_ssl_context(ca_pem)
+    own = session is None
+    s = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+    try:
+        async with s.post(url, data=body, headers={"Content-Type": CBOR}, ssl=ctx) as resp:
+            return resp.status, await resp.read()
+    finally:
+        if own:
+            await s.close()

@@ -1,0 +1,57 @@
+"""HTTP adapter of the owner gateway: device onboarding (CBOR) and inventory admin (JSON/CSV)."""
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+
+from aiohttp import web
+
+from ...protocol.errors import MalformedMessage, NotAuthorized, ProtocolError
+from ...services.gateway import GatewayService
+from .common import cbor_route, make_app
+
+MAX_ADMIN_BODY = 4 * 1024 * 1024
+
+
+def _inv(rec) -> dict:
+    d = asdict(rec)
+    d["state"] = rec.state.value
+    d["idevid_fp"] = rec.idevid_fp.hex() if rec.idevid_fp else None
+    return d
+
+
+def gateway_app(service: GatewayService, *, admin_token: str) -> web.Application:
+    app = make_app()
+
+    def require_admin(request: web.Request) -> None:
+        auth = request.headers.get("Authorization", "")
+        if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), admin_token.encode())):
+            raise NotAuthorized("admin token required (Authorization: Bearer ...)", status=401,
+                                code="unauthorized")
+
+    async def inventory_add(request: web.Request) -> web.Response:
+        require_admin(request)
+        if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+            raise ProtocolError("inventory upload is too large", status=413, code="too_large")
+        if request.content_type == "text/csv":
+            recs = await service.register_csv(await request.text())
+        else:
+            try:
+                data = await request.json()
+            except ValueError:
+                raise MalformedMessage("send JSON {label_url, description} or text/csv") from None
+            if not isinstance(data, dict) or not isinstance(data.get("label_url"), str):
+                raise MalformedMessage("JSON body needs a label_url string")
+            recs = [await service.register_label(data["label_url"], str(data.get("description", "")))]
+        return web.json_response({"added": [_inv(r) for r in recs]}, status=201)
+
+    async def inventory_list(request: web.Request) -> web.Response:
+        require_admin(request)
+        return web.json_response({"devices": [_inv(r) for r in await service.store.inventory.list()]})
+
+    app.router.add_post("/zt/v1/hello", cbor_route(service.hello))
+    app.router.add_post("/zt/v1/prove", cbor_route(service.prove))
+    app.router.add_post("/zt/v1/done", cbor_route(service.done))
+    app.router.add_post("/zt/v1/inventory", inventory_add)
+    app.router.add_get("/zt/v1/inventory", inventory_list)
+    return app
