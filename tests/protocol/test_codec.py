@@ -5,7 +5,7 @@ Ends with a seeded fuzz loop over the two parsers that face the network first on
 """
 from __future__ import annotations
 
-import os
+import datetime as dt
 import random
 import time
 from dataclasses import dataclass
@@ -14,19 +14,23 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from zerotouch.identity.software import SoftwareIdentity
-from zerotouch.pki.keys import cert_der, generate_p256, public_key_pem
+from zerotouch.pki.ca import DEVICE_URN_PREFIX
+from zerotouch.pki.keys import cert_der, generate_p256, save_cert, save_private_key
 from zerotouch.protocol import cose
 from zerotouch.protocol.codec import MAX_MESSAGE, TYPE_KEY, loads_bounded
 from zerotouch.protocol.device import DeviceOnboarding
 from zerotouch.protocol.errors import (BadSignature, MalformedMessage, MessageTooLarge,
                                        NotAuthorized, ProtocolError)
-from zerotouch.protocol.messages import Bundle, FindOwner, Hello, Redirect
+from zerotouch.protocol.messages import Bundle, Challenge, FindOwner, Hello, Redirect
 from zerotouch.protocol.states import DeviceState
 from zerotouch.protocol.verify import verify_device_signed
-from zerotouch.services.manufacturer import Manufacturer, RendezvousInfo
+from zerotouch.services.manufacturer import Manufacturer
 
 NONCE = bytes(range(16))
 
@@ -296,78 +300,144 @@ def test_cose_oversized_is_too_large(key):
 
 
 # --- device-signed messages and the fuzz loop ------------------------------------------------
+# Everything here is deterministic (fixed keys, RFC 6979 signatures, fixed times, seeded
+# mutations), so a fuzz finding reproduces on every run.
+FIXED_NOW = 1_750_000_000                      # 2025-06-15, inside the certificates' validity
+NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+NOT_AFTER = dt.datetime(2044, 1, 1, tzinfo=dt.timezone.utc)
+DEVICE_SERIAL = "0a1b2c3d"
+DEVICE_URN = f"{DEVICE_URN_PREFIX}{DEVICE_SERIAL}"
+
+
+class DeterministicSigner(cose.SoftwareSigner):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+    def sign_der(self, data: bytes) -> bytes:
+        return self.key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+
+
+def _fixed_key(n: int) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(n, ec.SECP256R1())
+
+
+def _fixed_certs(ca_key, device_key) -> tuple[x509.Certificate, x509.Certificate]:
+    """A manufacturer CA and an IDevID with the profile CertificateAuthority.issue_device uses."""
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz manufacturer CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1001)
+          .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256(), ecdsa_deterministic=True))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE_SERIAL),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fuzz manufacturer"),
+                         x509.NameAttribute(NameOID.SERIAL_NUMBER, DEVICE_SERIAL)])
+    leaf = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+            .public_key(device_key.public_key()).serial_number(2002)
+            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(device_key.public_key()),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(DEVICE_URN)]),
+                           critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256(), ecdsa_deterministic=True))
+    return ca, leaf
+
+
 @dataclass
 class Kit:
     anchors: list[x509.Certificate]
-    ident: SoftwareIdentity
-    serial: str
-    urn: str
-    n_device: bytes
-    rv_key: ec.EllipticCurvePrivateKey
     device_dir: Path
+    device_signer: DeterministicSigner
+    idevid_der: bytes
+    rv_signer: DeterministicSigner
+    n_device: bytes = b"\x11" * 8
+    serial: str = DEVICE_SERIAL
+    urn: str = DEVICE_URN
+
+    def hello_map(self) -> dict:
+        return Hello(serial=self.serial, nonce=NONCE, time=FIXED_NOW).to_map()
 
     def signed_hello(self, m: dict | None = None, *, x5chain=None) -> bytes:
-        payload = cbor2.dumps(m if m is not None else Hello(
-            serial=self.serial, nonce=NONCE, time=int(time.time())).to_map(), canonical=True)
-        return cose.sign1(payload, self.ident.idevid_signer(),
-                          x5chain=x5chain if x5chain is not None else [self.ident.idevid_cert_der()])
+        payload = cbor2.dumps(m if m is not None else self.hello_map(), canonical=True)
+        return cose.sign1(payload, self.device_signer,
+                          x5chain=x5chain if x5chain is not None else [self.idevid_der])
 
     def core(self) -> DeviceOnboarding:
-        """A device core waiting for a redirect to a request with nonce NONCE."""
+        """A device core waiting for the redirect to a request with nonce NONCE."""
         core = DeviceOnboarding(serial=self.serial, urn=self.urn,
-                                rendezvous_key=self.rv_key.public_key(), n_device=self.n_device,
-                                identity=self.ident, clock=time.time, rng=lambda n: NONCE[:n])
+                                rendezvous_key=self.rv_signer.public_key(), n_device=self.n_device,
+                                identity=SoftwareIdentity(self.device_dir), clock=lambda: FIXED_NOW,
+                                rng=lambda n: NONCE[:n])
         core.find_owner_request()
         return core
 
     def redirect_map(self) -> dict:
-        now = int(time.time())
         return Redirect(serial=self.serial, nonce=NONCE, gateway_url="https://gw.example:8444",
-                        owner_fp=bytes(32), issued=now, expires=now + 300).to_map()
+                        owner_fp=bytes(32), issued=FIXED_NOW, expires=FIXED_NOW + 300).to_map()
 
     def signed_redirect(self, m: dict | None = None) -> bytes:
         payload = cbor2.dumps(m if m is not None else self.redirect_map(), canonical=True)
-        return cose.sign1(payload, cose.SoftwareSigner(self.rv_key))
+        return cose.sign1(payload, self.rv_signer)
 
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory) -> Kit:
-    tmp = tmp_path_factory.mktemp("codec")
-    mfr = Manufacturer(tmp / "mfr")
-    rv_key = generate_p256()
-    info = RendezvousInfo(url="https://rv.example", key_pem=public_key_pem(rv_key.public_key()).decode(),
-                          tls_ca_pem="")
-    dev = mfr.make_device(tmp / "factory", info)
-    return Kit(anchors=[mfr.ca.cert], ident=SoftwareIdentity(dev.device_dir), serial=dev.serial,
-               urn=dev.urn, n_device=dev.label.otp_bytes, rv_key=rv_key, device_dir=dev.device_dir)
+    ca_key, device_key, rv_key = _fixed_key(0xC0FFEE), _fixed_key(0xDEC1CE), _fixed_key(0x5EED)
+    ca, idevid = _fixed_certs(ca_key, device_key)
+    device_dir = tmp_path_factory.mktemp("fuzz-device")
+    save_private_key(device_dir / "idevid.key", device_key)
+    save_cert(device_dir / "idevid.pem", idevid)
+    return Kit(anchors=[ca], device_dir=device_dir, device_signer=DeterministicSigner(device_key),
+               idevid_der=cert_der(idevid), rv_signer=DeterministicSigner(rv_key))
+
+
+def test_kit_is_deterministic(kit):
+    assert kit.signed_hello() == kit.signed_hello()
+    assert kit.signed_redirect() == kit.signed_redirect()
 
 
 def test_verify_device_signed_accepts_a_valid_hello(kit):
-    msg, cert = verify_device_signed(kit.signed_hello(), Hello, kit.anchors, time.time())
+    msg, cert = verify_device_signed(kit.signed_hello(), Hello, kit.anchors, FIXED_NOW)
     assert msg.serial == kit.serial and msg.nonce == NONCE
-    assert cert_der(cert) == kit.ident.idevid_cert_der()
+    assert cert_der(cert) == kit.idevid_der
 
 
-def test_verify_device_signed_refusals(kit):
+def test_verify_device_signed_refusals(kit, tmp_path):
     cases = [
         (BadSignature, kit.signed_hello(x5chain=[])),                       # no certificate
         (MalformedMessage, kit.signed_hello(x5chain=[b"not a certificate"])),
-        (NotAuthorized, kit.signed_hello({**Hello(serial="ffffffff", nonce=NONCE, time=1).to_map()})),
-        (BadSignature, cose.sign1(Hello(serial=kit.serial, nonce=NONCE, time=1).encode(),
+        (NotAuthorized, kit.signed_hello(                                   # names another device
+            Hello(serial="ffffffff", nonce=NONCE, time=FIXED_NOW).to_map())),
+        (BadSignature, cose.sign1(cbor2.dumps(kit.hello_map()),
                                   cose.SoftwareSigner(generate_p256()),
-                                  x5chain=[kit.ident.idevid_cert_der()])),     # another key
-        (MalformedMessage, kit.signed_hello(FindOwner(serial=kit.serial, nonce=NONCE,
-                                                      time=1).to_map())),   # wrong TYPE
+                                  x5chain=[kit.idevid_der])),                # another key
+        (MalformedMessage, kit.signed_hello(                                # wrong TYPE
+            FindOwner(serial=kit.serial, nonce=NONCE, time=FIXED_NOW).to_map())),
     ]
     for exc, data in cases:
         with pytest.raises(exc) as err:
-            verify_device_signed(data, Hello, kit.anchors, time.time())
+            verify_device_signed(data, Hello, kit.anchors, FIXED_NOW)
         assert_4xx(err.value)
-    other_ca = Manufacturer(kit.device_dir.parent.parent.parent / "other-mfr").ca.cert
-    with pytest.raises(NotAuthorized):                                      # untrusted anchor
-        verify_device_signed(kit.signed_hello(), Hello, [other_ca], time.time())
-    with pytest.raises(NotAuthorized):                                      # cert not yet valid
-        verify_device_signed(kit.signed_hello(), Hello, kit.anchors, time.time() - 86400)
+    other_ca = Manufacturer(tmp_path / "other-mfr").ca.cert
+    for anchors, now in (([other_ca], FIXED_NOW), ([], FIXED_NOW),        # untrusted / none
+                         (kit.anchors, NOT_BEFORE.timestamp() - 86400),      # not yet valid
+                         (kit.anchors, NOT_AFTER.timestamp() + 86400)):      # expired
+        with pytest.raises(NotAuthorized):
+            verify_device_signed(kit.signed_hello(), Hello, anchors, now)
 
 
 def test_receive_redirect_accepts_valid_and_refuses_wrong_state(kit):
@@ -378,10 +448,63 @@ def test_receive_redirect_accepts_valid_and_refuses_wrong_state(kit):
         core.receive_redirect(kit.signed_redirect())
 
 
+def _corrupt_version(der: bytes) -> bytes:
+    """X.509 version field `[0] INTEGER 2` (v3) → 5, which no X.509 version has."""
+    at = der.index(b"\xa0\x03\x02\x01\x02")
+    return der[:at] + b"\xa0\x03\x02\x01\x05" + der[at + 5:]
+
+
+def _corrupt_subject(der: bytes) -> bytes:
+    """serialNumber attribute (PrintableString) with a character PrintableString forbids."""
+    marker = b"\x06\x03\x55\x04\x05\x13\x08"
+    at = der.index(marker) + len(marker)
+    return der[:at] + b"*" + der[at + 1:]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: pki/ca.py load_der_cert catches only ValueError, but cryptography raises "
+    "x509.InvalidVersion (not a ValueError) for a certificate with an unknown version; "
+    "verify_device_signed (rendezvous find_owner, gateway hello/prove/done) lets it escape "
+    "as a bare exception (a 500) instead of MalformedMessage"))
+def test_certificate_with_unknown_version_is_malformed_at_the_server(kit):
+    data = kit.signed_hello(x5chain=[_corrupt_version(kit.idevid_der)])
+    with pytest.raises(MalformedMessage):
+        verify_device_signed(data, Hello, kit.anchors, FIXED_NOW)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: pki/ca.py verify_device_chain catches only VerificationError; the cryptography "
+    "verifier raises ValueError ('error parsing asn1 value ... location: [\"subject\"]') for "
+    "a leaf whose subject does not parse, which escapes verify_device_signed as a 500"))
+def test_certificate_with_unparsable_subject_is_refused_at_the_server(kit):
+    corrupt = _corrupt_subject(kit.idevid_der)
+    x509.load_der_x509_certificate(corrupt)              # loads (lazily): the check is later
+    with pytest.raises(ProtocolError) as err:
+        verify_device_signed(kit.signed_hello(x5chain=[corrupt]), Hello, kit.anchors, FIXED_NOW)
+    assert_4xx(err.value)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: protocol/device.py DeviceOnboarding.receive_challenge catches only ValueError around "
+    "x509.load_der_x509_certificate; an owner certificate with an unknown version raises "
+    "x509.InvalidVersion out of the device core instead of MalformedMessage"))
+def test_device_refuses_owner_certificate_with_unknown_version(kit):
+    core = kit.core()
+    core.receive_redirect(kit.signed_redirect())
+    hello = Hello.decode(cose.parse_sign1(core.hello_request(), max_size=MAX_MESSAGE).payload)
+    challenge = Challenge(session=bytes(16), nonce=hello.nonce, challenge=bytes(16),
+                          owner_proof=bytes(32), expires=FIXED_NOW + 60)
+    data = cose.sign1(challenge.encode(), kit.rv_signer, x5chain=[_corrupt_version(kit.anchors[0]
+                                                                                  .public_bytes(Encoding.DER))])
+    with pytest.raises(MalformedMessage):
+        core.receive_challenge(data)
+    assert core.state is DeviceState.HELLO_SENT
+
+
 def _random_value(rng: random.Random):
     return rng.choice([
         None, True, False, 0, -1, 2**63, -(2**64), 1.5, "", "x" * rng.randint(1, 300),
-        b"", os.urandom(rng.randint(1, 64)), [], [1, b"x"], {}, {"a": 1}, {1: {2: 3}},
+        b"", rng.randbytes(rng.randint(1, 64)), [], [1, b"x"], {}, {"a": 1}, {1: {2: 3}},
         cbor2.CBORTag(1, 0), cbor2.CBORTag(24, b"\xa0"), cbor2.CBORSimpleValue(99),
     ])
 
@@ -418,11 +541,11 @@ def _mutate_bytes(data: bytes, rng: random.Random) -> bytes:
         elif op == 2:
             del b[i:]
         elif op == 3:
-            b[i:i] = os.urandom(rng.randint(1, 8))
+            b[i:i] = rng.randbytes(rng.randint(1, 8))
         elif op == 4 and b:
             j = rng.randrange(len(b))
             b[i:i] = b[j:j + rng.randint(1, 16)]
-        else:
+        else:                                # CBOR/DER heads that announce long or odd items
             b[i:i + 1] = bytes([rng.choice([0x18, 0x19, 0x1a, 0x1b, 0x5b, 0x7b, 0x9b, 0xbb,
                                             0x9f, 0xbf, 0xff, 0xc0, 0xd8, 0xf8, 0xfb])])
     return bytes(b)
@@ -440,11 +563,8 @@ def _mutated_cose(signed: bytes, rng: random.Random, resign) -> bytes:
     if op == 1:
         parts[1] = {rng.choice([1, 4, 33]): _random_value(rng)}
         return rebuild(parts)
-    if op == 2 and cose.HDR_X5CHAIN in cbor2.loads(parts[0]):
-        prot = cbor2.loads(parts[0])
-        prot[cose.HDR_X5CHAIN] = _mutate_bytes(prot[cose.HDR_X5CHAIN], rng)
-        parts[0] = cbor2.dumps(prot)
-        return resign(parts)
+    if op == 2:
+        return resign(parts[2], rng)
     parts[rng.randrange(4)] = _random_value(rng)
     return rebuild(parts)
 
@@ -457,51 +577,43 @@ def _expect_only_4xx(fn, data: bytes, failures: list, outcomes: dict) -> None:
         outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
         if not 400 <= exc.status < 500:
             failures.append((data, f"{type(exc).__name__} with status {exc.status}: {exc}"))
-    except Exception as exc:  # noqa: BLE001 - the point of the fuzz loop
+    except Exception as exc:  # noqa: BLE001 - catching everything is the point of the loop
         failures.append((data, f"{type(exc).__name__}: {exc}"))
 
 
-def test_fuzz_parsers_raise_only_4xx_protocol_errors(kit):
-    rng = random.Random(20240611)
-    started = time.monotonic()
-    valid_hello = kit.signed_hello()
-    valid_redirect = kit.signed_redirect()
-    hello_template = Hello(serial=kit.serial, nonce=NONCE, time=int(time.time())).to_map()
-    redirect_template = kit.redirect_map()
-    ident_signer = kit.ident.idevid_signer()
+FUZZ_SEED = 20240611
+FUZZ_CASES = 2000
 
-    def resign_hello(parts):
-        prot = cbor2.loads(parts[0])
-        return cose.sign1(parts[2], ident_signer,
-                          x5chain=[prot[cose.HDR_X5CHAIN]] if isinstance(prot.get(cose.HDR_X5CHAIN),
-                                                                         bytes) else None)
 
-    def resign_redirect(parts):
-        return cose.sign1(parts[2], cose.SoftwareSigner(kit.rv_key))
+def run_fuzz(kit: Kit, target: str, seed: int = FUZZ_SEED, n: int = FUZZ_CASES) -> tuple[list, dict]:
+    """Feed n seeded random or mutated inputs to one parser; return (failures, outcome counts)."""
+    rng = random.Random(seed)
+    if target == "verify_device_signed":
+        signed, template, sign = kit.signed_hello(), kit.hello_map(), kit.signed_hello
 
-    def check_hello(data):
-        verify_device_signed(data, Hello, kit.anchors, time.time())
+        def resign(payload, rng):            # validly signed by the device, mutated certificate
+            return cose.sign1(payload, kit.device_signer,
+                              x5chain=[_mutate_bytes(kit.idevid_der, rng)])
 
-    core_box = [kit.core()]
+        def check(data):
+            verify_device_signed(data, Hello, kit.anchors, FIXED_NOW)
+    else:
+        signed, template, sign = kit.signed_redirect(), kit.redirect_map(), kit.signed_redirect
+        core_box = [kit.core()]
 
-    def check_redirect(data):
-        core_box[0].receive_redirect(data)
-        core_box[0] = kit.core()           # accepted: start a fresh core waiting for NONCE
+        def resign(payload, rng):            # validly signed by the rendezvous, mutated payload
+            return kit.signed_redirect(_mutate_map(kit.redirect_map(), rng))
 
-    def random_input() -> bytes:
-        return os.urandom(rng.choice([0, 1, 2, 5, 17, 64, 300, 2000]))
+        def check(data):
+            core_box[0].receive_redirect(data)
+            core_box[0] = kit.core()         # accepted: a fresh core waits for NONCE again
 
     failures: list = []
     outcomes: dict = {}
-    n = 2000
-    for i in range(n):
-        which = i % 2
-        signed, template, sign, resign, check = (
-            (valid_hello, hello_template, kit.signed_hello, resign_hello, check_hello) if which == 0
-            else (valid_redirect, redirect_template, kit.signed_redirect, resign_redirect, check_redirect))
+    for _ in range(n):
         kind = rng.randrange(5)
         if kind == 0:
-            data = random_input()
+            data = rng.randbytes(rng.choice([0, 1, 2, 5, 17, 64, 300, 2000]))
         elif kind == 1:
             data = _mutate_bytes(signed, rng)
         elif kind == 2:
@@ -511,11 +623,29 @@ def test_fuzz_parsers_raise_only_4xx_protocol_errors(kit):
         else:
             data = _mutate_bytes(sign(_mutate_map(template, rng)), rng)
         _expect_only_4xx(check, data, failures, outcomes)
+    return failures, outcomes
+
+
+def _check_fuzz(kit: Kit, target: str) -> None:
+    started = time.monotonic()
+    failures, outcomes = run_fuzz(kit, target)
     elapsed = time.monotonic() - started
-    assert not failures, f"{len(failures)} inputs escaped as non-4xx; first: {failures[0][1]}" \
-                         f" for {failures[0][0][:80].hex()}"
-    # the loop reached every layer: envelope, signature, certificate chain and content checks
+    assert not failures, (f"{len(failures)} of {FUZZ_CASES} inputs escaped as non-4xx; first: "
+                          f"{failures[0][1]} for {failures[0][0][:64].hex()}...")
+    # the loop reached the envelope, the signature and the content checks
     for seen in ("MalformedMessage", "BadSignature"):
         assert outcomes.get(seen, 0) > 50, outcomes
-    assert sum(outcomes.values()) == n
+    assert sum(outcomes.values()) == FUZZ_CASES
     assert elapsed < 3.0, f"fuzz loop took {elapsed:.2f} s"
+
+
+def test_fuzz_receive_redirect_raises_only_4xx_protocol_errors(kit):
+    _check_fuzz(kit, "receive_redirect")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: found by this loop (deterministic): mutated IDevID certificates in x5chain make "
+    "verify_device_signed raise bare x509.InvalidVersion (pki/ca.py load_der_cert) and "
+    "ValueError (pki/ca.py verify_device_chain) — see the two targeted tests above"))
+def test_fuzz_verify_device_signed_raises_only_4xx_protocol_errors(kit):
+    _check_fuzz(kit, "verify_device_signed")

@@ -73,10 +73,13 @@ class Agent:
         gw = redirect.gateway_url
         core.receive_challenge(await t.gateway(gw, "hello", core.hello_request()))
         self._check_gateway_tls(core)
-        result = core.receive_credentials(await t.gateway(gw, "prove", core.prove_request()))
-        store_credentials(self.dir, ldevid_pem=der_to_pem(result.ldevid_der),
-                          owner_ca_pem=der_to_pem(result.owner_ca_der), bundle=result.bundle_raw,
-                          channel_secret=result.channel_secret)
+        # Key generation and durable writes run off the event loop: a device's flash is slow,
+        # and in a simulated fleet one device's fsync must not stall the others.
+        prove = await asyncio.to_thread(core.prove_request)
+        result = core.receive_credentials(await t.gateway(gw, "prove", prove))
+        await asyncio.to_thread(store_credentials, self.dir, ldevid_pem=der_to_pem(result.ldevid_der),
+                                owner_ca_pem=der_to_pem(result.owner_ca_der), bundle=result.bundle_raw,
+                                channel_secret=result.channel_secret)
         core.receive_done_ack(await t.gateway(gw, "done", core.done_request()))
 
     def _check_gateway_tls(self, core: DeviceOnboarding) -> None:
@@ -117,7 +120,7 @@ class Agent:
                            terminus_host=res.bundle.terminus_host, terminus_port=res.bundle.terminus_port,
                            topic_prefix=res.bundle.topic_prefix, onboarded_at=self.clock(),
                            onboarding_ms=(self.clock() - started) * 1000)
-        save_state(self.dir, state)  # the commit point
+        await asyncio.to_thread(save_state, self.dir, state)  # the commit point
         return state
 
     async def run(self, *, telemetry: int = 1) -> AgentReport:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..util.files import atomic_write, atomic_write_json, read_json
+from ..util.files import atomic_write, atomic_write_json, fsync_dir, read_json
 
 STATE_FILE = "state.json"
 
@@ -55,7 +55,8 @@ def store_credentials(device_dir: Path, *, ldevid_pem: bytes, owner_ca_pem: byte
                       channel_secret: bytes) -> None:
     """Each file is replaced atomically; state.json (saved after this) commits them as a set."""
     d = Path(device_dir)
-    atomic_write(d / "ldevid.pem", ldevid_pem)
-    atomic_write(d / "owner-ca.pem", owner_ca_pem)
-    atomic_write(d / "bundle.cose", bundle)
-    atomic_write(d / "channel.secret", channel_secret.hex().encode(), mode=0o600)
+    atomic_write(d / "ldevid.pem", ldevid_pem, sync_dir=False)
+    atomic_write(d / "owner-ca.pem", owner_ca_pem, sync_dir=False)
+    atomic_write(d / "bundle.cose", bundle, sync_dir=False)
+    atomic_write(d / "channel.secret", channel_secret.hex().encode(), mode=0o600, sync_dir=False)
+    fsync_dir(d)

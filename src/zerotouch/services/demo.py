@@ -211,7 +211,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
 
             async def power_on(dev):
                 async with run_sem:
-                    transport = HttpDeviceTransport(rendezvous_ca_pem=info.tls_ca_pem, keepalive=False)
+                    transport = HttpDeviceTransport(rendezvous_ca_pem=info.tls_ca_pem)
                     agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
                     report = await agent.run(telemetry=telemetry)
                 reports.append(report)

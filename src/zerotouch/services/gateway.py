@@ -19,7 +19,7 @@ from cryptography import x509
 
 from ..pki.ca import device_identity
 from ..pki.keys import cert_fingerprint
-from ..protocol.errors import (BadSignature, Conflict, MalformedMessage, NotAuthorized,
+from ..protocol.errors import (BadSignature, Conflict, MalformedMessage, NotAuthorized, NotFound,
                                ProtocolError, StaleMessage)
 from ..protocol.messages import (Bundle, Challenge, Credentials, Done, DoneAck, Hello, Prove,
                                  RvRegistered)
@@ -97,19 +97,21 @@ class GatewayService:
         now = self.cfg.clock()
         msg, cert = verify_device_signed(body, Hello, self.cfg.manufacturer_cas, now)
         check_fresh(msg.time, now)
+        not_ours = NotAuthorized("device is not in the owner's inventory", code="not_in_inventory")
         inv = await self.store.inventory.get(msg.serial)
-        if inv is None or not await self.vault.has_device_secret(msg.serial):
-            raise NotAuthorized("device is not in the owner's inventory", code="not_in_inventory")
+        if inv is None:
+            raise not_ours
         if inv.state is InventoryState.REVOKED:
             raise NotAuthorized("device is revoked by its owner", code="revoked")
         session, challenge = self.cfg.rng(16), self.cfg.rng(16)
-        proof = await self.vault.owner_proof(msg.serial, msg.nonce)
+        try:
+            proof = await self.vault.owner_proof(msg.serial, msg.nonce)
+        except NotFound:
+            raise not_ours from None
         expires = now + self.cfg.session_ttl
-        await self.store.sessions.create(SessionRecord(
+        await self.store.sessions.start(SessionRecord(
             id=session, serial=msg.serial, nonce=msg.nonce, challenge=challenge,
             idevid_fp=cert_fingerprint(cert), state=SessionState.CHALLENGED, expires=expires))
-        await self.store.inventory.update(msg.serial, state=InventoryState.ONBOARDING,
-                                          idevid_fp=cert_fingerprint(cert), last_error=None)
         return await self.vault.sign(Challenge(session=session, nonce=msg.nonce, challenge=challenge,
                                                owner_proof=proof, expires=int(expires)).encode())
 
@@ -144,10 +146,8 @@ class GatewayService:
                 terminus_port=self.cfg.terminus_port, owner_ca=owner_ca,
                 topic_prefix=f"{self.cfg.topic_root}/{sess.serial}", settings=dict(self.cfg.settings),
                 issued=int(self.cfg.clock())).encode())
-            await self.store.sessions.advance(sess.id, SessionState.CREDENTIALED,
-                                              SessionState.CREDENTIALED, ldevid_der=ldevid)
             ldevid_serial = format(x509.load_der_x509_certificate(ldevid).serial_number, "x")
-            await self.store.inventory.update(sess.serial, ldevid_serial=ldevid_serial)
+            await self.store.sessions.store_ldevid(sess.id, sess.serial, ldevid, ldevid_serial)
         except ProtocolError as exc:
             await self.store.inventory.update(sess.serial, last_error=f"prove: {exc.message}"[:512])
             raise
@@ -160,15 +160,10 @@ class GatewayService:
         if not sess.ldevid_der or not hmac.compare_digest(
                 msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):
             raise NotAuthorized("device reports another certificate than the one issued")
-        if not await self.store.sessions.advance(sess.id, SessionState.CREDENTIALED, SessionState.DONE):
-            raise Conflict("session was already completed")
         now = self.cfg.clock()
-        await self.store.inventory.update(sess.serial, state=InventoryState.ONBOARDED,
-                                          onboarded_at=now, last_error=None)
+        if not await self.store.sessions.finish(sess.id, sess.serial, now):
+            raise Conflict("session was already completed")
         if self.notify_rendezvous is not None:
             report = await self.vault.sign(RvRegistered(serial=sess.serial, time=int(now)).encode())
-            try:
-                await self.notify_rendezvous(report)
-            except Exception as exc:  # the device is onboarded either way; the status catches up
-                log.warning("could not tell the rendezvous that %s is registered: %s", sess.serial, exc)
+            await self.notify_rendezvous(report)
         return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode())

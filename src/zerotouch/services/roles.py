@@ -127,6 +127,12 @@ class RunningGateway:
     store: object
     config: dict
     directory: Path
+    reporter: object = None
+
+    async def close(self) -> None:
+        if self.reporter is not None:
+            await self.reporter.close()
+        await self.store.close()
 
     @property
     def admin_token(self) -> str:
@@ -140,16 +146,12 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     vault = vault or LocalVault(d / "vault", store.secrets, store.certs)
     notifier = None
     if cfg.get("rendezvous_url"):
-        from ..transport.http.client import post_cbor
-
-        async def notifier(report: bytes, _url=cfg["rendezvous_url"], _ca=cfg.get("rendezvous_tls_ca_pem")):
-            status, body = await post_cbor(f"{_url}/rv/v1/registered", report, ca_pem=_ca, timeout=5)
-            if status not in (200, 204):
-                raise RuntimeError(f"rendezvous answered {status}")
+        from ..transport.http.client import RendezvousReporter
+        notifier = RendezvousReporter(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
     service = GatewayService(store, vault, GatewayConfig(
         manufacturer_cas=_read_pems(cfg["manufacturer_cas"]), terminus_host=cfg["terminus_host"],
         terminus_port=cfg["terminus_port"]), notify_rendezvous=notifier)
-    return RunningGateway(service, store, cfg, d)
+    return RunningGateway(service, store, cfg, d, notifier)
 
 
 __all__ = ["init_rendezvous", "build_rendezvous", "init_gateway", "build_gateway", "owner_ca",

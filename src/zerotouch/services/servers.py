@@ -32,4 +32,4 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
     try:
         await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready)
     finally:
-        await gw.store.close()
+        await gw.close()

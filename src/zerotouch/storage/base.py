@@ -70,6 +70,13 @@ class InventoryRepo(Protocol):
 
 class SessionRepo(Protocol):
     async def create(self, rec: SessionRecord) -> None: ...
+    async def start(self, rec: SessionRecord) -> None:
+        """Create the session and mark the inventory device onboarding, in one transaction."""
+    async def store_ldevid(self, session_id: bytes, serial: str, ldevid_der: bytes,
+                           ldevid_serial: str) -> None:
+        """Remember the issued LDevID on the session and on the inventory record (one transaction)."""
+    async def finish(self, session_id: bytes, serial: str, now: float) -> bool:
+        """CREDENTIALED → DONE and the device onboarded, in one transaction; False if lost a race."""
     async def get(self, session_id: bytes) -> SessionRecord | None: ...
     async def advance(self, session_id: bytes, old: SessionState, new: SessionState,
                       **fields) -> bool:

@@ -20,7 +20,7 @@ def engine_url(url: str) -> tuple[URL, dict]:
     connect_args: dict = {}
     backend = u.get_backend_name()
     if backend == "sqlite":
-        u = u.set(drivername="sqlite+aiosqlite")
+        u = u.set(drivername="sqlite+pysqlite")
         connect_args["timeout"] = 30
     elif backend == "postgresql":
         u = u.set(drivername="postgresql+asyncpg")
@@ -35,12 +35,64 @@ def engine_url(url: str) -> tuple[URL, dict]:
     return u, connect_args
 
 
-def make_engine(url: str) -> AsyncEngine:
+class _SyncConnection:
+    """Async face over a synchronous SQLAlchemy connection (see SyncSqliteEngine)."""
+
+    def __init__(self, conn):
+        self._c = conn
+
+    async def execute(self, *args, **kwargs):
+        return self._c.execute(*args, **kwargs)
+
+    async def run_sync(self, fn, *args, **kwargs):
+        return fn(self._c, *args, **kwargs)
+
+
+class _SyncContext:
+    def __init__(self, cm):
+        self._cm = cm
+
+    async def __aenter__(self):
+        return _SyncConnection(self._cm.__enter__())
+
+    async def __aexit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+class SyncSqliteEngine:
+    """SQLite, run in the event loop thread.
+
+    A SQLite statement takes microseconds; handing each one to a worker thread (aiosqlite)
+    costs far more than the statement (~130 thread hops per onboarding, measured). One
+    connection per process, so this process never waits on its own lock.
+    """
+
+    def __init__(self, url: URL, connect_args: dict):
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import QueuePool
+        self.sync_engine = create_engine(url.set(drivername="sqlite+pysqlite"),
+                                         connect_args=connect_args, poolclass=QueuePool,
+                                         pool_size=1, max_overflow=0, pool_timeout=60)
+        self.url = self.sync_engine.url
+
+    def begin(self):
+        return _SyncContext(self.sync_engine.begin())
+
+    def connect(self):
+        return _SyncContext(self.sync_engine.connect())
+
+    async def dispose(self) -> None:
+        self.sync_engine.dispose()
+
+
+def make_engine(url: str):
     real, connect_args = engine_url(url)
-    kwargs: dict = {"connect_args": connect_args}
-    if real.get_backend_name() == "postgresql":
-        kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
-    engine = create_async_engine(real, **kwargs)
+    if real.get_backend_name() == "sqlite":
+        engine = SyncSqliteEngine(real, connect_args)
+    else:
+        # No pre-ping (a round trip per checkout); recycle instead so stale connections go.
+        engine = create_async_engine(real, connect_args=connect_args, pool_size=10,
+                                     max_overflow=10, pool_recycle=1800)
     if real.get_backend_name() == "sqlite":
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every sqlite test
@@ -144,6 +196,32 @@ class SqlSessionRepo(_Repo):
         values["state"] = rec.state.value
         async with self.e.begin() as c:
             await c.execute(insert(gw_sessions).values(**values))
+
+    async def start(self, rec: SessionRecord) -> None:
+        values = dataclasses.asdict(rec)
+        values["state"] = rec.state.value
+        async with self.e.begin() as c:
+            await c.execute(insert(gw_sessions).values(**values))
+            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == rec.serial).values(
+                state=InventoryState.ONBOARDING.value, idevid_fp=rec.idevid_fp, last_error=None))
+
+    async def store_ldevid(self, session_id, serial, ldevid_der, ldevid_serial) -> None:
+        async with self.e.begin() as c:
+            await c.execute(update(gw_sessions).where(gw_sessions.c.id == session_id)
+                            .values(ldevid_der=ldevid_der))
+            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == serial)
+                            .values(ldevid_serial=ldevid_serial))
+
+    async def finish(self, session_id, serial, now) -> bool:
+        async with self.e.begin() as c:
+            res = await c.execute(update(gw_sessions).where(
+                gw_sessions.c.id == session_id, gw_sessions.c.state == SessionState.CREDENTIALED.value)
+                .values(state=SessionState.DONE.value))
+            if res.rowcount != 1:
+                return False
+            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == serial).values(
+                state=InventoryState.ONBOARDED.value, onboarded_at=now, last_error=None))
+        return True
 
     async def get(self, session_id: bytes) -> SessionRecord | None:
         async with self.e.connect() as c:

@@ -16,7 +16,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def fsync_dir(path: Path) -> None:
+    _fsync_dir(Path(path))
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool = True) -> None:
+    """Replace `path` atomically. With sync_dir=False the caller fsyncs the directory once
+    after a batch of files (the rename is durable only after that)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,7 +39,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:

@@ -1,7 +1,9 @@
 """HTTP clients: the device side of onboarding, and the admin/introducer/manufacturer calls."""
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import ssl
 from typing import Any
 
@@ -12,6 +14,7 @@ from ...protocol.errors import MalformedMessage, ProtocolError, RemoteError, Try
 from ...protocol.messages import ErrorReply
 
 CBOR = "application/cbor"
+log = logging.getLogger("zerotouch.client")
 
 
 class PeerRefused(RemoteError):
@@ -143,3 +146,64 @@ async def post_cbor(url: str, body: bytes, *, ca_pem: str | None, timeout: float
     finally:
         if own:
             await s.close()
+
+
+class RendezvousReporter:
+    """Tells the rendezvous, in the background, that devices reached their owner.
+
+    A device's `done` must not wait on another service; reports queue here and are sent over
+    one kept-alive connection, retried with backoff if the rendezvous is away.
+    """
+
+    def __init__(self, rendezvous_url: str, ca_pem: str | None, *, retries: int = 8):
+        self.url = f"{rendezvous_url}/rv/v1/registered"
+        self.ca_pem = ca_pem
+        self.retries = retries
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100_000)
+        self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.sent = 0
+        self.failed = 0
+
+    async def __call__(self, report: bytes) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        try:
+            self._queue.put_nowait(report)
+        except asyncio.QueueFull:
+            self.failed += 1
+            log.warning("rendezvous report queue is full; a status update is dropped")
+
+    async def _run(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        while True:
+            report = await self._queue.get()
+            for attempt in range(self.retries):
+                try:
+                    status, _ = await post_cbor(self.url, report, ca_pem=self.ca_pem, session=self._session)
+                    if status in (200, 204, 409):  # 409: already registered or revoked; nothing to retry
+                        self.sent += 1
+                        break
+                    if 400 <= status < 500:
+                        log.warning("rendezvous refused a registration report: HTTP %s", status)
+                        self.failed += 1
+                        break
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    log.info("rendezvous report failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt))
+            else:
+                self.failed += 1
+            self._queue.task_done()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._session is not None:
+            await self._session.close()
