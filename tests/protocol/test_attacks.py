@@ -408,9 +408,6 @@ async def test_stale_find_owner_and_hello_are_refused(fleet, offset):
 
 
 # --- bugs found while writing these tests ----------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GatewayService.hello accepts a replayed Hello (same nonce M as a finished onboarding) "
-    "and sets an ONBOARDED device's inventory state back to ONBOARDING (and adds a session)"))
 async def test_replayed_hello_does_not_change_an_onboarded_device(fleet):
     dev = await fleet.make()
     core = fleet.core(dev)
@@ -429,10 +426,6 @@ async def test_replayed_hello_does_not_change_an_onboarded_device(fleet):
     assert await session_count(fleet.store) == sessions
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GatewayService.prove issues and records the LDevID before the seal key is checked; "
-    "a prove with an unusable seal key fails with MalformedMessage but leaves a valid "
-    "certificate in store.certs and the session burnt in CREDENTIALED"))
 async def test_prove_with_unusable_seal_key_issues_nothing(fleet):
     dev = await fleet.make()
     _core, challenge = await to_challenge(fleet, dev)
@@ -446,10 +439,6 @@ async def test_prove_with_unusable_seal_key_issues_nothing(fleet):
     assert (await fleet.store.sessions.get(challenge.session)).state is SessionState.CHALLENGED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: GatewayService._register checks the inventory, then writes N_device to the vault, then "
-    "inserts the inventory row; a concurrent registration of the same devid that loses the "
-    "insert (Conflict) has still overwritten the winner's N_device"))
 async def test_concurrent_forged_registration_cannot_replace_n_device(fleet):
     dev = await fleet.make(inventory=False)
     legit_n = dev.label.otp_bytes

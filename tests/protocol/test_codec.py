@@ -150,9 +150,6 @@ NON_INTEGER = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Message.from_map compares keys and TYPE with ==, so a bool/float CBOR key or TYPE "
-    "(True == 1, 3.0 == 3) is taken for the integer one: non-integer keys are not refused"))
 @pytest.mark.parametrize("name", NON_INTEGER)
 def test_non_integer_keys_and_type_are_refused(name):
     cls, m = NON_INTEGER[name]
@@ -160,9 +157,6 @@ def test_non_integer_keys_and_type_are_refused(name):
         cls.decode(cbor2.dumps(m))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: loads_bounded (cbor2.load) accepts a CBOR map with a duplicate key and keeps the last "
-    "value; a strict parser must refuse it (RFC 8949 §5.6) so two parsers cannot disagree"))
 def test_duplicate_map_keys_are_refused():
     # {0: 3, 1: "0a1b2c3d", 1: "ffffffff", 2: h'..', 3: 1}
     data = (b"\xa5" + b"\x00\x03" + b"\x01\x680a1b2c3d" + b"\x01\x68ffffffff"
@@ -461,33 +455,19 @@ def _corrupt_subject(der: bytes) -> bytes:
     return der[:at] + b"*" + der[at + 1:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: pki/ca.py load_der_cert catches only ValueError, but cryptography raises "
-    "x509.InvalidVersion (not a ValueError) for a certificate with an unknown version; "
-    "verify_device_signed (rendezvous find_owner, gateway hello/prove/done) lets it escape "
-    "as a bare exception (a 500) instead of MalformedMessage"))
 def test_certificate_with_unknown_version_is_malformed_at_the_server(kit):
     data = kit.signed_hello(x5chain=[_corrupt_version(kit.idevid_der)])
     with pytest.raises(MalformedMessage):
         verify_device_signed(data, Hello, kit.anchors, FIXED_NOW)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: pki/ca.py verify_device_chain catches only VerificationError; the cryptography "
-    "verifier raises ValueError ('error parsing asn1 value ... location: [\"subject\"]') for "
-    "a leaf whose subject does not parse, which escapes verify_device_signed as a 500"))
 def test_certificate_with_unparsable_subject_is_refused_at_the_server(kit):
     corrupt = _corrupt_subject(kit.idevid_der)
-    x509.load_der_x509_certificate(corrupt)              # loads (lazily): the check is later
     with pytest.raises(ProtocolError) as err:
         verify_device_signed(kit.signed_hello(x5chain=[corrupt]), Hello, kit.anchors, FIXED_NOW)
     assert_4xx(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: protocol/device.py DeviceOnboarding.receive_challenge catches only ValueError around "
-    "x509.load_der_x509_certificate; an owner certificate with an unknown version raises "
-    "x509.InvalidVersion out of the device core instead of MalformedMessage"))
 def test_device_refuses_owner_certificate_with_unknown_version(kit):
     core = kit.core()
     core.receive_redirect(kit.signed_redirect())
@@ -643,9 +623,5 @@ def test_fuzz_receive_redirect_raises_only_4xx_protocol_errors(kit):
     _check_fuzz(kit, "receive_redirect")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: found by this loop (deterministic): mutated IDevID certificates in x5chain make "
-    "verify_device_signed raise bare x509.InvalidVersion (pki/ca.py load_der_cert) and "
-    "ValueError (pki/ca.py verify_device_chain) — see the two targeted tests above"))
 def test_fuzz_verify_device_signed_raises_only_4xx_protocol_errors(kit):
     _check_fuzz(kit, "verify_device_signed")

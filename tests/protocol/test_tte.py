@@ -80,19 +80,11 @@ def test_non_text_is_refused(value):
         parse_label(value)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: protocol/tte.py parse_label accepts http:// although its own error says the label "
-    "must be https:// and the TTE draft says the QR code MUST be an HTTPS URL; an introducer "
-    "following such a label would send the OTP in clear text"))
 def test_plain_http_label_is_refused():
     with pytest.raises(MalformedMessage):
         parse_label(f"http://tte-000000.net{TTE_PATH}?otp={OTP}&devid={DEVID}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: protocol/tte.py _HEX is r'^[0-9a-f]+$' used with .match, and '$' also matches "
-    "before a trailing newline: a percent-encoded %0A makes a 15-digit OTP or a 7-digit devid "
-    "pass (Label.otp_bytes then raises a bare ValueError; a devid with '\\n' reaches the inventory)"))
 @pytest.mark.parametrize("url", [
     f"{RV}{TTE_PATH}?otp={OTP[:15]}%0A&devid={DEVID}",
     f"{RV}{TTE_PATH}?otp={OTP}&devid={DEVID[:7]}%0A",

@@ -270,10 +270,6 @@ async def test_seal_channel_secret_refuses_a_malformed_key(vut, seal_key):
                                             nonce=os.urandom(16))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: protocol/sealing.py seal_secret catches ValueError only around from_public_bytes; a "
-    "low-order X25519 key (e.g. all zeros) passes that and SUITE.encrypt raises a bare "
-    "ValueError ('Error computing shared key') out of the vault and GatewayService.prove (a 500)"))
 async def test_seal_channel_secret_refuses_a_low_order_key(vut):
     await vut.vault.put_device_secret(SERIAL, os.urandom(8))
     with pytest.raises(ProtocolError) as err:

@@ -297,11 +297,6 @@ async def test_secrets_put_get_overwrite(store):
 
 
 async def test_secrets_concurrent_put_of_a_new_name_is_an_upsert(store, db_url, request):
-    if db_url.startswith("postgresql"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: storage/sql.py SqlSecretRepo.put is UPDATE-then-INSERT; two puts of a new "
-            "(kind, name) both update 0 rows and both insert, so on PostgreSQL all but one fail "
-            "with a bare sqlalchemy IntegrityError (use INSERT .. ON CONFLICT DO UPDATE)")))
     await asyncio.gather(*[store.secrets.get("warm", "up") for _ in range(20)])   # fill the pool
     for rnd in range(5):
         values = [bytes([rnd, i]) for i in range(20)]

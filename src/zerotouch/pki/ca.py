@@ -116,7 +116,7 @@ def device_identity(cert: x509.Certificate) -> tuple[str, str]:
 def load_der_cert(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise MalformedMessage("not a DER X.509 certificate") from None
 
 
@@ -136,3 +136,5 @@ def verify_device_chain(leaf: x509.Certificate, anchors: list[x509.Certificate],
         verifier.verify(leaf, [])
     except VerificationError as exc:
         raise NotAuthorized(f"device certificate is not trusted: {exc}") from None
+    except ValueError as exc:  # a certificate the verifier cannot even parse (bad subject...)
+        raise MalformedMessage(f"device certificate is malformed: {exc}") from None

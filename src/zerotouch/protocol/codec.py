@@ -122,7 +122,11 @@ class Message:
     def from_map(cls: type[M], obj: Any) -> M:
         if not isinstance(obj, dict):
             raise MalformedMessage(f"{cls.__name__} must be a CBOR map")
-        if obj.get(TYPE_KEY) != cls.TYPE:
+        # `==` would let True or 1.0 stand for 1: keys and the type must be real integers.
+        if any(type(k) is not int for k in obj):
+            raise MalformedMessage(f"{cls.__name__} keys must be integers")
+        mtype = obj.get(TYPE_KEY)
+        if type(mtype) is not int or mtype != cls.TYPE:
             raise MalformedMessage(f"expected a {cls.__name__} message")
         by_key = {meta["key"]: (name, meta) for name, _t, meta in cls._fields()}
         unknown = [k for k in obj if k != TYPE_KEY and k not in by_key]
@@ -144,4 +148,10 @@ class Message:
 
     @classmethod
     def decode(cls: type[M], data: bytes, *, max_size: int = MAX_MESSAGE) -> M:
-        return cls.from_map(loads_bounded(data, max_size=max_size))
+        obj = loads_bounded(data, max_size=max_size)
+        msg = cls.from_map(obj)
+        # Only the canonical encoding is accepted, so two parsers can never read one message
+        # differently (repeated keys, non-shortest integers, other key orders).
+        if cbor2.dumps(obj, canonical=True) != bytes(data):
+            raise MalformedMessage(f"{cls.__name__} is not canonically encoded (repeated or unordered keys?)")
+        return msg

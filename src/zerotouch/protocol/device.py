@@ -114,9 +114,9 @@ class DeviceOnboarding:
             raise BadSignature("challenge carries no owner certificate")
         try:
             owner_ca = x509.load_der_x509_certificate(chain[0])
-        except ValueError:
+            owner_key = owner_ca.public_key()
+        except (ValueError, x509.InvalidVersion, TypeError):
             raise MalformedMessage("owner certificate is not DER X.509") from None
-        owner_key = owner_ca.public_key()
         if spki_fingerprint(owner_key) != self.redirect.owner_fp:
             raise NotAuthorized("owner key is not the one the rendezvous pinned")
         challenge = Challenge.decode(signed.verify(owner_key))

@@ -26,14 +26,24 @@ def seal_info(serial: str, session: bytes) -> bytes:
     return b"zerotouch channel secret|" + serial.encode() + b"|" + session
 
 
-def seal_secret(recipient: bytes, *, serial: str, session: bytes, secret: bytes,
-                nonce: bytes, n_device: bytes) -> bytes:
+def check_seal_key(recipient: bytes) -> x25519.X25519PublicKey:
+    """Refuse anything but a usable X25519 key (wrong length, low-order points)."""
     try:
         pub = x25519.X25519PublicKey.from_public_bytes(recipient)
+        x25519.X25519PrivateKey.generate().exchange(pub)  # fails for low-order points
     except ValueError:
-        raise MalformedMessage("seal key is not an X25519 public key") from None
+        raise MalformedMessage("seal key is not a usable X25519 public key") from None
+    return pub
+
+
+def seal_secret(recipient: bytes, *, serial: str, session: bytes, secret: bytes,
+                nonce: bytes, n_device: bytes) -> bytes:
+    pub = check_seal_key(recipient)
     plain = SealedSecret(serial=serial, secret=secret, hmn=hmn(nonce, n_device)).encode()
-    return SUITE.encrypt(plain, pub, info=seal_info(serial, session))
+    try:
+        return SUITE.encrypt(plain, pub, info=seal_info(serial, session))
+    except ValueError:
+        raise MalformedMessage("seal key is not a usable X25519 public key") from None
 
 
 def open_secret(private_key: x25519.X25519PrivateKey, blob: bytes, *, serial: str,

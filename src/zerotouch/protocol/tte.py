@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from .errors import MalformedMessage
 
 TTE_PATH = "/.well-known/tte"
-_HEX = re.compile(r"^[0-9a-f]+$")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def parse_label(url: str) -> Label:
     if not isinstance(url, str) or len(url) > 512:
         raise MalformedMessage("label URL is missing or too long")
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("https", "http") or not parts.netloc:
+    if parts.scheme != "https" or not parts.netloc:
         raise MalformedMessage("label URL must be an https:// URL")
     if parts.path.rstrip("/") != TTE_PATH:
         raise MalformedMessage(f"label URL path must be {TTE_PATH}")
@@ -41,8 +41,8 @@ def parse_label(url: str) -> Label:
     if len(otp) != 1 or len(devid) != 1:
         raise MalformedMessage("label URL must have exactly one otp and one devid")
     otp_s, devid_s = otp[0].lower(), devid[0].lower()
-    if len(otp_s) != 16 or not _HEX.match(otp_s):
+    if len(otp_s) != 16 or not _HEX.fullmatch(otp_s):
         raise MalformedMessage("otp must be 16 hex digits")
-    if len(devid_s) != 8 or not _HEX.match(devid_s):
+    if len(devid_s) != 8 or not _HEX.fullmatch(devid_s):
         raise MalformedMessage("devid must be 8 hex digits")
     return Label(rendezvous=f"{parts.scheme}://{parts.netloc}", devid=devid_s, otp=otp_s)

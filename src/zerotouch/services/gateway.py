@@ -27,7 +27,8 @@ from ..protocol.states import InventoryState, SessionState
 from ..protocol.tte import parse_label
 from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import InventoryRecord, SessionRecord, Store
-from .vault import Vault
+from ..protocol.sealing import check_seal_key
+from .vault import Vault, check_csr
 
 log = logging.getLogger(__name__)
 MAX_CSV_ROWS = 100_000
@@ -65,12 +66,16 @@ class GatewayService:
     async def _register(self, serial: str, n_device: bytes, description: str) -> InventoryRecord:
         if len(description) > 256:
             raise MalformedMessage("description is longer than 256 characters")
-        if await self.store.inventory.get(serial) is not None:
-            raise Conflict(f"device {serial} is already in the inventory")
-        await self.vault.put_device_secret(serial, n_device)
         rec = InventoryRecord(serial=serial, description=description, created_at=self.cfg.clock())
+        # The row first: whoever loses a race gets Conflict before touching the vault, so a
+        # second registration can never overwrite the N_device of the first.
         if not await self.store.inventory.add(rec):
             raise Conflict(f"device {serial} is already in the inventory")
+        try:
+            await self.vault.put_device_secret(serial, n_device)
+        except BaseException:
+            await self.store.inventory.remove(serial)
+            raise
         return rec
 
     async def register_csv(self, text: str) -> list[InventoryRecord]:
@@ -133,6 +138,9 @@ class GatewayService:
             if not hmac.compare_digest(msg.challenge, sess.challenge):
                 raise BadSignature("challenge answer does not match")
             _serial, urn = device_identity(cert)
+            # Check everything the device sent before the session moves or anything is issued.
+            check_csr(msg.csr)
+            check_seal_key(msg.seal_key)
             # Compare-and-set first: a replayed or concurrent prove gets nothing issued.
             if not await self.store.sessions.advance(sess.id, SessionState.CHALLENGED,
                                                      SessionState.CREDENTIALED):
@@ -165,5 +173,8 @@ class GatewayService:
             raise Conflict("session was already completed")
         if self.notify_rendezvous is not None:
             report = await self.vault.sign(RvRegistered(serial=sess.serial, time=int(now)).encode())
-            await self.notify_rendezvous(report)
+            try:
+                await self.notify_rendezvous(report)
+            except Exception as exc:  # onboarded either way; the device must still get its ack
+                log.warning("could not report %s to the rendezvous: %s", sess.serial, exc)
         return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode())

@@ -24,7 +24,7 @@ from ..protocol.states import RendezvousStatus
 from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import RendezvousRepo, RvDeviceRecord
 
-HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+HEX_RE = re.compile(r"[0-9a-fA-F]+")
 MAX_FAILED_CLAIMS = 10  # wrong OTPs per device before claims are refused (guessing)
 
 
@@ -64,7 +64,7 @@ def parse_owner_address(cip: str, cport: str | int, cfingerprint: str) -> tuple[
     if not 0 < port < 65536:
         raise MalformedMessage("cport must be between 1 and 65535")
     fp = (cfingerprint or "").strip().replace(":", "").lower()
-    if len(fp) != 64 or not HEX_RE.match(fp):
+    if len(fp) != 64 or not HEX_RE.fullmatch(fp):
         raise MalformedMessage("cfingerprint must be the 64-hex-digit SHA-256 of the owner key")
     return f"https://{host}:{port}", bytes.fromhex(fp)
 
@@ -183,8 +183,8 @@ class RendezvousService:
 def _parse_label_ids(devid_hex: str, otp_hex: str) -> tuple[str, bytes]:
     devid = (devid_hex or "").strip().lower()
     otp = (otp_hex or "").strip().lower()
-    if len(devid) != 8 or not HEX_RE.match(devid):
+    if len(devid) != 8 or not HEX_RE.fullmatch(devid):
         raise MalformedMessage("devid must be 8 hex digits")
-    if len(otp) != 16 or not HEX_RE.match(otp):
+    if len(otp) != 16 or not HEX_RE.fullmatch(otp):
         raise MalformedMessage("otp must be 16 hex digits")
     return devid, bytes.fromhex(otp)

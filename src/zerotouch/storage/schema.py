@@ -44,6 +44,8 @@ gw_sessions = Table(
     Column("expires", Float, nullable=False),
     Column("ldevid_der", LargeBinary),
     Index("ix_gw_sessions_expires", "expires"),
+    # A nonce answers one hello only: a replayed hello cannot open a second session.
+    Index("ux_gw_sessions_serial_nonce", "serial", "nonce", unique=True),
 )
 
 vault_secrets = Table(

@@ -183,6 +183,10 @@ class SqlInventoryRepo(_Repo):
             rows = await c.execute(select(gw_inventory).order_by(gw_inventory.c.serial).limit(limit))
         return [_row(InventoryRecord, r, state=InventoryState) for r in rows]
 
+    async def remove(self, serial: str) -> None:
+        async with self.e.begin() as c:
+            await c.execute(delete(gw_inventory).where(gw_inventory.c.serial == serial))
+
     async def update(self, serial: str, **fields) -> None:
         if "state" in fields:
             fields["state"] = InventoryState(fields["state"]).value
@@ -200,10 +204,13 @@ class SqlSessionRepo(_Repo):
     async def start(self, rec: SessionRecord) -> None:
         values = dataclasses.asdict(rec)
         values["state"] = rec.state.value
-        async with self.e.begin() as c:
-            await c.execute(insert(gw_sessions).values(**values))
-            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == rec.serial).values(
-                state=InventoryState.ONBOARDING.value, idevid_fp=rec.idevid_fp, last_error=None))
+        try:
+            async with self.e.begin() as c:
+                await c.execute(insert(gw_sessions).values(**values))
+                await c.execute(update(gw_inventory).where(gw_inventory.c.serial == rec.serial).values(
+                    state=InventoryState.ONBOARDING.value, idevid_fp=rec.idevid_fp, last_error=None))
+        except IntegrityError:
+            raise Conflict("this hello was already answered (replayed nonce)") from None
 
     async def store_ldevid(self, session_id, serial, ldevid_der, ldevid_serial) -> None:
         async with self.e.begin() as c:
@@ -243,11 +250,15 @@ class SqlSessionRepo(_Repo):
 
 class SqlSecretRepo(_Repo):
     async def put(self, kind: str, name: str, ciphertext: bytes) -> None:
+        if self.e.url.get_backend_name() == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        stmt = upsert(vault_secrets).values(kind=kind, name=name, ciphertext=ciphertext)
+        stmt = stmt.on_conflict_do_update(index_elements=["kind", "name"],
+                                          set_={"ciphertext": stmt.excluded.ciphertext})
         async with self.e.begin() as c:
-            res = await c.execute(update(vault_secrets).where(
-                vault_secrets.c.kind == kind, vault_secrets.c.name == name).values(ciphertext=ciphertext))
-            if res.rowcount == 0:
-                await c.execute(insert(vault_secrets).values(kind=kind, name=name, ciphertext=ciphertext))
+            await c.execute(stmt)
 
     async def get(self, kind: str, name: str) -> bytes | None:
         async with self.e.connect() as c:
