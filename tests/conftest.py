@@ -1,51 +1,9 @@
 """Shared fixtures: stores on SQLite and (when reachable) PostgreSQL, and a whole fleet in memory."""
 from __future__ import annotations
 
-import asyncio
-import os
-import secrets
-import socket
-
 import pytest
 
-PG_URL = os.environ.get("ZT_TEST_PG", "postgresql://127.0.0.1:5432/test")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def need(component: str, install: str) -> None:
-    """Skip outside CI with a message naming what to install; fail in CI."""
-    msg = f"{component} is not available: {install}"
-    if IN_CI:
-        pytest.fail(msg + " (CI must install it in .ci/run)")
-    pytest.skip(msg)
-
-
-def pg_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-async def make_pg_schema() -> str:
-    import asyncpg
-    name = "zt_test_" + secrets.token_hex(6)
-    conn = await asyncpg.connect("postgresql://127.0.0.1:5432/test")
-    try:
-        await conn.execute(f"CREATE SCHEMA {name}")
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_pg_schema(name: str) -> None:
-    import asyncpg
-    conn = await asyncpg.connect("postgresql://127.0.0.1:5432/test")
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
-    finally:
-        await conn.close()
+from support import IN_CI, PG_URL, drop_pg_schema, make_pg_schema, need, pg_reachable  # noqa: F401
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

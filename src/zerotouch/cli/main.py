@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--devices", type=int, default=20)
     d.add_argument("--db", help="database URL, e.g. postgresql://127.0.0.1/test (default SQLite)")
     d.add_argument("--state-dir", type=Path, help="keep everything here (default: a temp dir)")
-    d.add_argument("--concurrency", type=int, default=16, help="devices powering on at once")
+    d.add_argument("--concurrency", type=int, default=4,
+                   help="devices onboarding at once (latency vs. throughput; see README)")
     d.add_argument("--telemetry", type=int, default=3, help="messages each device publishes")
     d.add_argument("--gateways", type=int, default=2, help="gateway processes on one database")
     d.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

@@ -40,7 +40,7 @@ class DemoOptions:
     devices: int = 20
     db: str | None = None
     state_dir: Path | None = None
-    concurrency: int = 16
+    concurrency: int = 4
     telemetry: int = 3
     gateways: int = 2
     json: bool = False
@@ -56,6 +56,8 @@ class DemoResult:
     p95_ms: float | None
     max_ms: float | None
     wall_s: float
+    onboarding_s: float
+    throughput_per_s: float | None
     telemetry_devices: int
     telemetry_messages: int
     gateway_replicas: int
@@ -63,10 +65,12 @@ class DemoResult:
     db: str
     terminus: str
     state_dir: str
+    concurrency: int = 0
     reports: list[AgentReport] = field(default_factory=list)
 
     def summary(self) -> dict:
         keys = ("devices", "onboarded", "failed", "p50_ms", "p95_ms", "max_ms", "wall_s",
+                "onboarding_s", "throughput_per_s", "concurrency",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
                 "db", "terminus", "state_dir")
         return {k: getattr(self, k) for k in keys}
@@ -206,6 +210,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         telemetry = opts.telemetry if terminus else 0
         progress = Progress(TextColumn("onboarding"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=console, transient=False)
+        power_on_at = time.monotonic()
         with progress:
             task = progress.add_task("devices", total=len(made))
 
@@ -218,6 +223,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                 progress.advance(task)
             await asyncio.gather(*(power_on(d) for d in made))
 
+        onboarding_s = time.monotonic() - power_on_at
         onboarded_serials = {r.serial for r in reports if r.onboarded}
         if observer is not None and telemetry:
             await observer.wait_for(onboarded_serials, timeout=10)
@@ -229,6 +235,9 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             devices=len(made), onboarded=len(made) - len(failed), failed=len(failed),
             p50_ms=_round(percentile(times, 50)), p95_ms=_round(percentile(times, 95)),
             max_ms=_round(times[-1] if times else None), wall_s=round(time.monotonic() - started, 2),
+            onboarding_s=round(onboarding_s, 2),
+            throughput_per_s=round(len(times) / onboarding_s, 1) if onboarding_s > 0 else None,
+            concurrency=opts.concurrency,
             telemetry_devices=sum(1 for s in onboarded_serials if counts.get(s)),
             telemetry_messages=sum(counts.get(s, 0) for s in onboarded_serials),
             gateway_replicas=len(replica_ports), gateway_connections=list(balancer.connections.values()),
@@ -296,6 +305,7 @@ def print_summary(result: DemoResult, console: Console) -> None:
     s.add_column("value")
     rows = [("devices", result.devices), ("onboarded", result.onboarded), ("failed", result.failed),
             ("onboarding p50 / p95 / max (ms)", f"{result.p50_ms} / {result.p95_ms} / {result.max_ms}"),
+            ("devices at once / onboarded per second", f"{result.concurrency} / {result.throughput_per_s}"),
             ("telemetry: devices heard / messages", f"{result.telemetry_devices} / {result.telemetry_messages}"),
             ("gateway replicas (connections each)", f"{result.gateway_replicas} ({result.gateway_connections})"),
             ("database", result.db), ("terminus", result.terminus), ("wall time (s)", result.wall_s)]
