@@ -154,5 +154,6 @@ class Agent:
             cert_file=self.dir / "ldevid.pem", key_file=identity.ldevid_key_file(),
             topic=f"{state.topic_prefix}/telemetry",
             payloads=[telemetry_payload(self.serial, i, self.clock()) for i in range(count)])
-        report.telemetry_sent = sum(1 for c in codes if c == 0)
-        report.telemetry_refused = sum(1 for c in codes if c != 0)
+        # MQTT v5: reason codes below 0x80 are success (16 = accepted, nobody subscribed yet).
+        report.telemetry_sent = sum(1 for c in codes if c < 0x80)
+        report.telemetry_refused = sum(1 for c in codes if c >= 0x80)

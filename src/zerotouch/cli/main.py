@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .vault import add_vault_parser
 
 
 def _common_logging(args) -> None:
@@ -21,7 +22,13 @@ def _ready(name: str, url: str):
 
 
 def cmd_manufacture(args) -> int:
-    from ..services.admin import manufacture
+    from ..services.admin import manufacture, manufacturer_init
+    if args.init:
+        print(manufacturer_init(args.dir, args.name))
+        return 0
+    if args.rendezvous_info is None:
+        print("--rendezvous-info is required to make devices", file=sys.stderr)
+        return 2
     return asyncio.run(manufacture(args.dir, args.rendezvous_info, count=args.count,
                                    identity=args.identity, register=not args.no_register))
 
@@ -114,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("manufacture", help="make devices: identity, IDevID, OTP, label; register them")
     m.add_argument("--dir", required=True, type=Path, help="factory directory (CA, devices/, labels/)")
-    m.add_argument("--rendezvous-info", required=True, type=Path, help="the rendezvous' public.json")
+    m.add_argument("--init", action="store_true", help="only create the manufacturer CA")
+    m.add_argument("--rendezvous-info", type=Path, help="the rendezvous' public.json")
     m.add_argument("--count", type=int, default=1)
+    m.add_argument("--name", default="zerotouch manufacturer", help="manufacturer name (new CA only)")
     m.add_argument("--identity", default="software", help="identity backend (software)")
     m.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
     m.set_defaults(func=cmd_manufacture)
@@ -190,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--description", default="")
     i.set_defaults(func=cmd_introducer)
 
+    add_vault_parser(sub)
     d = sub.add_parser("demo", help="a whole fleet end to end on loopback")
     d.add_argument("--devices", type=int, default=20)
     d.add_argument("--db", help="database URL, e.g. postgresql://127.0.0.1/test (default SQLite)")

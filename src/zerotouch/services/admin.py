@@ -31,6 +31,11 @@ async def register_devices(rendezvous: RendezvousInfo, registrations: list[bytes
         return await asyncio.gather(*(one(r) for r in registrations))
 
 
+def manufacturer_init(directory: Path, name: str = "zerotouch manufacturer") -> str:
+    factory = Manufacturer(directory, name=name)
+    return f"manufacturer CA: {factory.dir / 'manufacturer-ca.pem'}"
+
+
 async def manufacture(directory: Path, rendezvous_info: Path, *, count: int, identity: str,
                       register: bool) -> int:
     info = RendezvousInfo.load(rendezvous_info)
