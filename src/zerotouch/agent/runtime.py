@@ -23,9 +23,11 @@ from ..protocol.errors import NotAuthorized, ProtocolError, TryLater
 from ..services.manufacturer import SECRET_FILE, read_factory
 from ..transport.http.client import HttpDeviceTransport
 from .backoff import Backoff
+from ..util.files import remove_stale_temp_files
 from .state import AgentState, load_state, save_state, store_credentials
 
 log = logging.getLogger("zerotouch.agent")
+MAX_ERRORS = 20  # a device may wait days to be claimed: keep only the latest reasons
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Agent:
         self.deadline_s = deadline_s
 
     def _core(self) -> DeviceOnboarding:
-        identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
+        identity = self._identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
         return DeviceOnboarding(
             serial=self.serial, urn=self.factory["urn"],
             rendezvous_key=load_public_key_pem(self.factory["rendezvous_key_pem"].encode()),
@@ -77,10 +79,14 @@ class Agent:
         # and in a simulated fleet one device's fsync must not stall the others.
         prove = await asyncio.to_thread(core.prove_request)
         result = core.receive_credentials(await t.gateway(gw, "prove", prove))
-        await asyncio.to_thread(store_credentials, self.dir, ldevid_pem=der_to_pem(result.ldevid_der),
-                                owner_ca_pem=der_to_pem(result.owner_ca_der), bundle=result.bundle_raw,
-                                channel_secret=result.channel_secret)
+        await asyncio.to_thread(self._store, result)
         core.receive_done_ack(await t.gateway(gw, "done", core.done_request()))
+
+    def _store(self, result) -> None:
+        self._identity.commit_ldevid()
+        store_credentials(self.dir, ldevid_pem=der_to_pem(result.ldevid_der),
+                          owner_ca_pem=der_to_pem(result.owner_ca_der), bundle=result.bundle_raw,
+                          channel_secret=result.channel_secret)
 
     def _check_gateway_tls(self, core: DeviceOnboarding) -> None:
         """Now that the owner is proven, the TLS peer must hold a certificate from the owner CA."""
@@ -105,7 +111,7 @@ class Agent:
             except (ProtocolError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, ProtocolError) else None
                 msg = exc.message if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
-                report.errors.append(msg)
+                report.errors = (report.errors + [msg])[-MAX_ERRORS:]
                 if not isinstance(exc, TryLater):
                     log.info("%s: onboarding attempt %d failed: %s", self.serial, attempt + 1, msg)
                 attempt += 1
@@ -125,6 +131,7 @@ class Agent:
 
     async def run(self, *, telemetry: int = 1) -> AgentReport:
         report = AgentReport(serial=self.serial)
+        remove_stale_temp_files(self.dir)
         try:
             state = load_state(self.dir)
             if state.onboarded:

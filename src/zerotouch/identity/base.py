@@ -23,6 +23,10 @@ class DeviceIdentity(Protocol):
         """Generate a fresh LDevID key inside the backend; return a CSR signed by it (DER)."""
         ...
 
+    def commit_ldevid(self) -> None:
+        """Make the key of the last CSR the device's LDevID key (after its certificate is stored)."""
+        ...
+
     def new_seal_key(self) -> bytes:
         """Generate a fresh HPKE (X25519) key; return its raw public key."""
         ...

@@ -1,6 +1,7 @@
 """Software identity: P-256 keys in files only the device's user can read."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -11,11 +12,12 @@ from cryptography.x509.oid import NameOID
 from ..pki.keys import generate_p256, load_private_key, save_private_key
 from ..protocol.cose import SoftwareSigner
 from ..protocol.sealing import open_secret
-from ..util.files import atomic_write
+from ..util.files import atomic_write, fsync_dir
 
 IDEVID_KEY = "idevid.key"
 IDEVID_CERT = "idevid.pem"
 LDEVID_KEY = "ldevid.key"
+LDEVID_KEY_PENDING = "ldevid.key.pending"
 
 
 class SoftwareIdentity:
@@ -35,7 +37,9 @@ class SoftwareIdentity:
 
     def create_ldevid_csr(self, serial: str, urn: str) -> bytes:
         key = generate_p256()
-        save_private_key(self.dir / LDEVID_KEY, key)
+        # Pending until the credentials are verified and stored: a rejected attempt must not
+        # break the key/certificate pair of a device that is already onboarded.
+        save_private_key(self.dir / LDEVID_KEY_PENDING, key)
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial),
                                         x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]))
@@ -56,6 +60,10 @@ class SoftwareIdentity:
             raise RuntimeError("no seal key was made for this onboarding")
         return open_secret(self._seal_key, blob, serial=serial, session=session, nonce=nonce,
                            n_device=n_device)
+
+    def commit_ldevid(self) -> None:
+        os.replace(self.dir / LDEVID_KEY_PENDING, self.dir / LDEVID_KEY)
+        fsync_dir(self.dir)
 
     def ldevid_key_file(self) -> Path:
         return self.dir / LDEVID_KEY

@@ -49,3 +49,15 @@ def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete temp files a power loss left behind (`.name.*.tmp`); they never hold live data."""
+    removed = 0
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
