@@ -29,6 +29,7 @@ from zerotouch.services.vault import (OWNER_KEY, VAULT_KEY_ENV, LocalVault, Vaul
                                       init_vault_dir)
 from zerotouch.storage import open_store
 from zerotouch.storage.schema import vault_secrets
+from vault_harness import start_vault_server
 
 SERIAL = "0a1b2c3d"
 URN = f"urn:dev:zerotouch:{SERIAL}"
@@ -41,6 +42,7 @@ class VaultUnderTest:
     other_key_vault: Callable[[], Awaitable[Vault]]      # same store, another vault key
     key_files: list[Path]                                # private key material at rest, if on disk
     reopen_with_wrong_key: Callable[[], Awaitable[Vault]] | None = None
+    aclose: Callable[[], Awaitable[None]] | None = None  # stop servers, close clients
 
 
 async def local_vault(tmp_path: Path, store, monkeypatch) -> VaultUnderTest:
@@ -62,18 +64,45 @@ async def local_vault(tmp_path: Path, store, monkeypatch) -> VaultUnderTest:
                           reopen_with_wrong_key=reopen_with_wrong_key)
 
 
+async def remote_vault(tmp_path: Path, store, monkeypatch) -> VaultUnderTest:
+    """A RemoteVault over mutual TLS to a vault_app on a real socket, a LocalVault behind it."""
+    local = await local_vault(tmp_path, store, monkeypatch)
+    servers = [await start_vault_server(local.vault, tmp_path / "vault", tmp_path / "tls")]
+
+    async def other_key_vault() -> Vault:
+        other = await local.other_key_vault()
+        servers.append(await start_vault_server(other, tmp_path / "vault-2", tmp_path / "tls-2"))
+        return servers[-1].client()
+
+    async def reopen_with_wrong_key() -> Vault:
+        await local.reopen_with_wrong_key()     # the vault process dies here, before it listens
+        return servers[0].client()
+
+    async def aclose() -> None:
+        for s in servers:
+            await s.close()
+
+    return VaultUnderTest(vault=servers[0].client(), store=store, other_key_vault=other_key_vault,
+                          key_files=local.key_files, reopen_with_wrong_key=reopen_with_wrong_key,
+                          aclose=aclose)
+
+
 VAULT_FACTORIES = [
     pytest.param(local_vault, id="local"),
-    # pytest.param(remote_vault, id="remote"),   # one line per further implementation
+    pytest.param(remote_vault, id="remote"),   # one line per further implementation
 ]
 
 
 @pytest.fixture(params=VAULT_FACTORIES)
 async def vut(request, tmp_path, sqlite_url, monkeypatch):
     store = await open_store(sqlite_url)
+    vut = None
     try:
-        yield await request.param(tmp_path, store, monkeypatch)
+        vut = await request.param(tmp_path, store, monkeypatch)
+        yield vut
     finally:
+        if vut is not None and vut.aclose is not None:
+            await vut.aclose()
         await store.close()
 
 

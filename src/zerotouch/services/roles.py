@@ -121,6 +121,48 @@ def owner_ca(directory: Path) -> CertificateAuthority:
     return load_owner_ca(Path(directory) / "vault")
 
 
+def init_vault_service(gateway_dir: Path, *, host: str = "127.0.0.1", port: int) -> dict:
+    """Make the vault a separate service: TLS server cert, gateway client cert, shared token.
+
+    Writes GATEWAY_DIR/vault/service.json and sets `vault_url` in config.json, after which
+    build_gateway talks to `vault serve` instead of opening the vault in-process. Keys and
+    token are kept on a re-run; the server certificate is re-issued (the host may change).
+    """
+    from ..pki.keys import spki_fingerprint
+    from ..transport.http.vault_app import GATEWAY_CN
+    d = Path(gateway_dir)
+    v = d / "vault"
+    ca = load_owner_ca(v)  # after init_gateway: the owner CA vouches for both ends
+    key_file = v / "vault-tls.key"
+    key = load_private_key(key_file) if key_file.exists() else generate_p256()
+    save_private_key(key_file, key)
+    save_cert(v / "vault-tls.pem", ca.issue_server(key.public_key(), common_name=host,
+                                                   hosts=sorted({host, "localhost"})))
+    if not (v / "gateway-client.key").exists():
+        ckey = generate_p256()
+        save_private_key(v / "gateway-client.key", ckey)
+        save_cert(v / "gateway-client.pem", ca.issue_server(ckey.public_key(), common_name=GATEWAY_CN,
+                                                            hosts=[GATEWAY_CN]))
+    if not (v / "service.token").exists():
+        atomic_write(v / "service.token", secrets.token_urlsafe(32).encode(), mode=0o600)
+    client = load_cert(v / "gateway-client.pem")
+    svc = {"url": _url(host, port), "host": host, "port": port,
+           "ca_cert": str((v / "owner-ca.pem").resolve()),
+           "server_cert": str((v / "vault-tls.pem").resolve()),
+           "server_key": str(key_file.resolve()),
+           "client_cert": str((v / "gateway-client.pem").resolve()),
+           "client_key": str((v / "gateway-client.key").resolve()),
+           "client_cn": GATEWAY_CN,
+           # the vault accepts this one key, not any owner-CA cert that says CN=zt-gateway
+           "client_spki_sha256": spki_fingerprint(client.public_key()).hex(),
+           "token_file": str((v / "service.token").resolve())}
+    atomic_write_json(v / "service.json", svc, mode=0o600)
+    cfg = read_json(d / "config.json")
+    cfg["vault_url"] = svc["url"]
+    atomic_write_json(d / "config.json", cfg)
+    return svc
+
+
 @dataclass
 class RunningGateway:
     service: GatewayService
@@ -128,10 +170,13 @@ class RunningGateway:
     config: dict
     directory: Path
     reporter: object = None
+    remote_vault: object = None  # a RemoteVault build_gateway opened (and so closes)
 
     async def close(self) -> None:
         if self.reporter is not None:
             await self.reporter.close()
+        if self.remote_vault is not None:
+            await self.remote_vault.close()
         await self.store.close()
 
     @property
@@ -143,6 +188,11 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     d = Path(directory)
     cfg = read_json(d / "config.json")
     store = await open_store(cfg["db"])
+    remote = None
+    if vault is None and cfg.get("vault_url"):
+        # The vault runs as its own service (`vault serve`); the gateway then needs no vault key.
+        from .vault_remote import RemoteVault
+        vault = remote = RemoteVault.from_gateway_dir(d, cfg["vault_url"])
     vault = vault or LocalVault(d / "vault", store.secrets, store.certs)
     notifier = None
     if cfg.get("rendezvous_url"):
@@ -151,8 +201,9 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     service = GatewayService(store, vault, GatewayConfig(
         manufacturer_cas=_read_pems(cfg["manufacturer_cas"]), terminus_host=cfg["terminus_host"],
         terminus_port=cfg["terminus_port"]), notify_rendezvous=notifier)
-    return RunningGateway(service, store, cfg, d, notifier)
+    return RunningGateway(service, store, cfg, d, notifier, remote)
 
 
 __all__ = ["init_rendezvous", "build_rendezvous", "init_gateway", "build_gateway", "owner_ca",
+           "init_vault_service",
            "cert_pem", "load_cert"]

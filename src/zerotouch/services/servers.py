@@ -4,11 +4,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..storage import open_store
 from ..transport.http.common import server_ssl_context
 from ..transport.http.gateway_app import gateway_app
 from ..transport.http.rendezvous_app import rendezvous_app
 from ..transport.http.server import serve_forever
+from ..transport.http.vault_app import vault_app, vault_server_ssl_context
+from ..util.files import read_json
 from .roles import build_gateway, build_rendezvous
+from .vault import LocalVault
 
 log = logging.getLogger("zerotouch.serve")
 
@@ -33,3 +37,25 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
         await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready)
     finally:
         await gw.close()
+
+
+def vault_site(directory: Path, vault) -> tuple[object, object, dict]:
+    """(app, TLS context, service.json) of the vault service described in GATEWAY_DIR/vault."""
+    svc = read_json(Path(directory) / "vault" / "service.json")
+    fp = svc.get("client_spki_sha256")
+    app = vault_app(vault, token=Path(svc["token_file"]).read_text().strip(),
+                    client_cn=svc["client_cn"], client_fingerprint=bytes.fromhex(fp) if fp else None)
+    ctx = vault_server_ssl_context(Path(svc["server_cert"]), Path(svc["server_key"]),
+                                   Path(svc["ca_cert"]))
+    return app, ctx, svc
+
+
+async def serve_vault(directory: Path, on_ready=None) -> None:
+    """The vault as its own process, on its own store (the gateway's database URL)."""
+    d = Path(directory)
+    store = await open_store(read_json(d / "config.json")["db"])
+    try:
+        app, ctx, svc = vault_site(d, LocalVault(d / "vault", store.secrets, store.certs))
+        await serve_forever(app, svc["host"], svc["port"], ctx, on_ready)
+    finally:
+        await store.close()
