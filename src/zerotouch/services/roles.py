@@ -113,6 +113,9 @@ def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: lis
            "terminus_host": terminus_host, "terminus_port": terminus_port,
            "rendezvous_url": rv.url if rv else None, "rendezvous_tls_ca_pem": rv.tls_ca_pem if rv else None,
            "owner_fingerprint": LocalVault.fingerprint_of(ca)}
+    if (d / "config.json").exists():
+        # Re-running init updates what it sets and keeps the rest (e.g. a separate vault's URL).
+        cfg = {**read_json(d / "config.json"), **cfg}
     atomic_write_json(d / "config.json", cfg)
     return cfg
 
