@@ -120,6 +120,15 @@ def load_der_cert(der: bytes) -> x509.Certificate:
         raise MalformedMessage("not a DER X.509 certificate") from None
 
 
+def public_key_of(cert: x509.Certificate):
+    """The certificate's key, or a 4xx error when it does not parse (untrusted input)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise MalformedMessage("certificate key does not parse or is not supported") from None
+
+
 def verify_device_chain(leaf: x509.Certificate, anchors: list[x509.Certificate],
                         now: dt.datetime | None = None) -> None:
     """Check that `leaf` is a valid client certificate issued by one of `anchors`.

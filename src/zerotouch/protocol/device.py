@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ..identity.base import DeviceIdentity
@@ -115,8 +116,8 @@ class DeviceOnboarding:
         try:
             owner_ca = x509.load_der_x509_certificate(chain[0])
             owner_key = owner_ca.public_key()
-        except (ValueError, x509.InvalidVersion, TypeError):
-            raise MalformedMessage("owner certificate is not DER X.509") from None
+        except (ValueError, x509.InvalidVersion, TypeError, UnsupportedAlgorithm):
+            raise MalformedMessage("owner certificate is not DER X.509 with a usable key") from None
         if spki_fingerprint(owner_key) != self.redirect.owner_fp:
             raise NotAuthorized("owner key is not the one the rendezvous pinned")
         challenge = Challenge.decode(signed.verify(owner_key))

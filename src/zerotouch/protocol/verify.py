@@ -6,7 +6,7 @@ from typing import TypeVar
 
 from cryptography import x509
 
-from ..pki.ca import device_identity, load_der_cert, verify_device_chain
+from ..pki.ca import device_identity, load_der_cert, public_key_of, verify_device_chain
 from . import cose
 from .codec import MAX_MESSAGE, Message
 from .errors import BadSignature, NotAuthorized, StaleMessage
@@ -29,7 +29,7 @@ def verify_device_signed(data: bytes, cls: type[M], anchors: list[x509.Certifica
         raise BadSignature("device message carries no certificate (x5chain)")
     cert = load_der_cert(chain[0])
     verify_device_chain(cert, anchors, dt.datetime.fromtimestamp(now, dt.timezone.utc))
-    msg = cls.decode(signed.verify(cert.public_key()))
+    msg = cls.decode(signed.verify(public_key_of(cert)))
     serial, _urn = device_identity(cert)
     if getattr(msg, "serial", serial) != serial:
         raise NotAuthorized("message names another device than its certificate")

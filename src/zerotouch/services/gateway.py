@@ -84,18 +84,35 @@ class GatewayService:
         if not reader.fieldnames or "label_url" not in reader.fieldnames:
             raise MalformedMessage("CSV needs a header row with a label_url column")
         rows, seen = [], set()
-        for lineno, row in enumerate(reader, start=2):
-            if lineno > MAX_CSV_ROWS:
-                raise MalformedMessage(f"CSV has more than {MAX_CSV_ROWS} rows")
-            try:
-                label = parse_label(row.get("label_url") or "")
-            except MalformedMessage as exc:
-                raise MalformedMessage(f"CSV line {lineno}: {exc.message}") from None
-            if label.devid in seen or await self.store.inventory.get(label.devid):
-                raise Conflict(f"CSV line {lineno}: device {label.devid} is already in the inventory")
-            seen.add(label.devid)
-            rows.append((label, (row.get("description") or "").strip()))
-        return [await self._register(lb.devid, lb.otp_bytes, desc) for lb, desc in rows]
+        try:
+            for count, row in enumerate(reader, start=1):
+                lineno = reader.line_num  # the physical line, whatever blank or multi-line rows came before
+                if count > MAX_CSV_ROWS:
+                    raise MalformedMessage(f"CSV has more than {MAX_CSV_ROWS} rows")
+                try:
+                    label = parse_label(row.get("label_url") or "")
+                except MalformedMessage as exc:
+                    raise MalformedMessage(f"CSV line {lineno}: {exc.message}") from None
+                desc = (row.get("description") or "").strip()
+                if len(desc) > 256:
+                    raise MalformedMessage(f"CSV line {lineno}: description is longer than 256 characters")
+                if label.devid in seen or await self.store.inventory.get(label.devid):
+                    raise Conflict(f"CSV line {lineno}: device {label.devid} is already in the inventory")
+                seen.add(label.devid)
+                rows.append((label, desc))
+        except csv.Error as exc:
+            raise MalformedMessage(f"CSV line {reader.line_num}: {exc}") from None
+        # Every row is valid; if storing still fails (a race, the vault away), undo the rows
+        # already stored so an upload is all or nothing.
+        done: list[InventoryRecord] = []
+        try:
+            for lb, desc in rows:
+                done.append(await self._register(lb.devid, lb.otp_bytes, desc))
+        except BaseException:
+            for rec in done:
+                await self.store.inventory.remove(rec.serial)
+            raise
+        return done
 
     # --- onboarding ---------------------------------------------------------------------
     async def hello(self, body: bytes) -> bytes:

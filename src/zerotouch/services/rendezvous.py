@@ -12,7 +12,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..pki.ca import device_identity, load_der_cert, verify_device_chain
+from ..pki.ca import device_identity, load_der_cert, public_key_of, verify_device_chain
 from ..pki.keys import cert_fingerprint, spki_fingerprint
 from ..protocol import cose
 from ..protocol.codec import MAX_MESSAGE
@@ -47,7 +47,9 @@ class ClaimResult:
 
 def parse_owner_address(cip: str, cport: str | int, cfingerprint: str) -> tuple[str, bytes]:
     """Validate the TTE claim fields; return (gateway URL, owner key fingerprint)."""
-    cip = (cip or "").strip()
+    if not isinstance(cip, str) or not isinstance(cfingerprint, str):
+        raise MalformedMessage("cip and cfingerprint must be strings")
+    cip = cip.strip()
     if not cip or len(cip) > 253:
         raise MalformedMessage("cip (controller address) is required")
     try:
@@ -57,10 +59,13 @@ def parse_owner_address(cip: str, cport: str | int, cfingerprint: str) -> tuple[
         if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", cip):
             raise MalformedMessage("cip must be an IP address or a host name") from None
         host = cip.lower()
-    try:
-        port = int(cport)
-    except (TypeError, ValueError):
-        raise MalformedMessage("cport must be a port number") from None
+    # A bool or a float must not pass as a port: the claim is one-time, a wrong owner is final.
+    if isinstance(cport, str) and cport.strip().isdigit():
+        port = int(cport.strip())
+    elif isinstance(cport, int) and not isinstance(cport, bool):
+        port = cport
+    else:
+        raise MalformedMessage("cport must be a port number")
     if not 0 < port < 65536:
         raise MalformedMessage("cport must be between 1 and 65535")
     fp = (cfingerprint or "").strip().replace(":", "").lower()
@@ -89,7 +94,7 @@ class RendezvousService:
         ca = load_der_cert(chain[0])
         if cert_fingerprint(ca) not in self._ca_fps:
             raise NotAuthorized("registration is signed by an unknown manufacturer")
-        reg = RvRegister.decode(signed.verify(ca.public_key()))
+        reg = RvRegister.decode(signed.verify(public_key_of(ca)))
         idevid = load_der_cert(reg.idevid)
         verify_device_chain(idevid, [ca])
         serial, urn = device_identity(idevid)
@@ -164,7 +169,7 @@ class RendezvousService:
         chain = signed.x5chain
         if not chain:
             raise NotAuthorized("report is not signed by an owner key")
-        owner_key = load_der_cert(chain[0]).public_key()
+        owner_key = public_key_of(load_der_cert(chain[0]))
         msg = RvRegistered.decode(signed.verify(owner_key))
         now = self.cfg.clock()
         check_fresh(msg.time, now)

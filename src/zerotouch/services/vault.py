@@ -89,10 +89,15 @@ def check_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
         csr = x509.load_der_x509_csr(csr_der)
     except ValueError:
         raise MalformedMessage("CSR is not DER PKCS#10") from None
-    if not csr.is_signature_valid:
-        raise MalformedMessage("CSR signature is invalid (no proof of possession)")
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
-    pub = csr.public_key()
+    try:
+        pub = csr.public_key()
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        raise MalformedMessage("CSR key does not parse or is not supported") from None
+    if not valid:
+        raise MalformedMessage("CSR signature is invalid (no proof of possession)")
     if not (isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name in ("secp256r1", "secp384r1")):
         raise MalformedMessage("CSR key must be EC P-256 or P-384")
     return csr

@@ -59,6 +59,22 @@ def _error_from(status: int, body: bytes, headers) -> ProtocolError:
     return cls(f"{message} (HTTP {status})", status=status, code=code, retry_after=retry_after)
 
 
+class PeerCertConnector(aiohttp.TCPConnector):
+    """Remembers the TLS certificate of the server each request was sent to.
+
+    Read when the connection is handed out, not from the response: aiohttp may already have
+    released the connection of a small response by the time the caller looks.
+    """
+
+    last_peer_cert: bytes | None = None
+
+    async def connect(self, req, traces, timeout):
+        conn = await super().connect(req, traces, timeout)
+        ssl_obj = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+        self.last_peer_cert = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        return conn
+
+
 class HttpDeviceTransport:
     """How an agent reaches the rendezvous and the gateway over HTTPS."""
 
@@ -78,8 +94,8 @@ class HttpDeviceTransport:
     def _new_session(self) -> aiohttp.ClientSession:
         # Without keep-alive every request is a new connection, so a load balancer can send
         # consecutive requests of one onboarding to different gateway replicas.
-        return aiohttp.ClientSession(timeout=self._timeout,
-                                     connector=aiohttp.TCPConnector(force_close=not self._keepalive))
+        self._connector = PeerCertConnector(force_close=not self._keepalive)
+        return aiohttp.ClientSession(timeout=self._timeout, connector=self._connector)
 
     async def __aenter__(self):
         self._session = self._new_session()
@@ -98,10 +114,9 @@ class HttpDeviceTransport:
             self._session = self._new_session()
         self.bytes_sent += len(body)
         async with self._session.post(url, data=body, headers={"Content-Type": CBOR}, ssl=ctx) as resp:
-            if capture_peer and resp.connection is not None and resp.connection.transport is not None:
-                ssl_obj = resp.connection.transport.get_extra_info("ssl_object")
-                if ssl_obj is not None:
-                    self.gateway_peer_cert = ssl_obj.getpeercert(binary_form=True)
+            if capture_peer:
+                # One request at a time per device, so the connector's last connection is ours.
+                self.gateway_peer_cert = self._connector.last_peer_cert
             data = await resp.content.read(MAX_MESSAGE + 1)
             self.bytes_received += len(data)
             if len(data) > MAX_MESSAGE:

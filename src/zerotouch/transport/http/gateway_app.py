@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import asdict
 
 from aiohttp import web
@@ -10,7 +11,7 @@ from ...protocol.errors import MalformedMessage, NotAuthorized, ProtocolError
 from ...services.gateway import GatewayService
 from .common import cbor_route, make_app
 
-MAX_ADMIN_BODY = 4 * 1024 * 1024
+MAX_ADMIN_BODY = 1024 * 1024  # the app's client_max_size: ~8,000 labels per CSV upload
 
 
 def _inv(rec) -> dict:
@@ -25,7 +26,10 @@ def gateway_app(service: GatewayService, *, admin_token: str) -> web.Application
 
     def require_admin(request: web.Request) -> None:
         auth = request.headers.get("Authorization", "")
-        if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), admin_token.encode())):
+        scheme, _, token = auth.partition(" ")
+        # surrogateescape: a header with non-UTF-8 bytes is simply a wrong token, not a crash
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(
+                token.encode("utf-8", "surrogateescape"), admin_token.encode())):
             raise NotAuthorized("admin token required (Authorization: Bearer ...)", status=401,
                                 code="unauthorized")
 
@@ -33,11 +37,19 @@ def gateway_app(service: GatewayService, *, admin_token: str) -> web.Application
         require_admin(request)
         if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
             raise ProtocolError("inventory upload is too large", status=413, code="too_large")
+        raw = await request.content.read(MAX_ADMIN_BODY + 1)
+        if len(raw) > MAX_ADMIN_BODY:
+            raise ProtocolError("inventory upload is too large", status=413, code="too_large")
+        try:
+            text = raw.decode(request.charset or "utf-8")
+        except (LookupError, UnicodeError):
+            raise MalformedMessage("upload is not UTF-8 text: send JSON {label_url, description} "
+                                   "or text/csv in UTF-8") from None
         if request.content_type == "text/csv":
-            recs = await service.register_csv(await request.text())
+            recs = await service.register_csv(text)
         else:
             try:
-                data = await request.json()
+                data = json.loads(text)
             except ValueError:
                 raise MalformedMessage("send JSON {label_url, description} or text/csv") from None
             if not isinstance(data, dict) or not isinstance(data.get("label_url"), str):

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import html
+import json
+from urllib.parse import parse_qs
 from dataclasses import asdict
 
 from aiohttp import web
 
 from ...pki.keys import public_key_pem
-from ...protocol.errors import MalformedMessage
+from ...protocol.errors import MalformedMessage, ProtocolError
 from ...protocol.tte import TTE_PATH
 from ...services.rendezvous import RendezvousService
-from .common import CBOR, cbor_route, make_app, read_cbor
+from .common import cbor_route, make_app, read_cbor
 
 MAX_FORM = 4096
 
@@ -53,22 +55,13 @@ def rendezvous_app(service: RendezvousService, public_info: dict | None = None) 
         return web.Response(text=page, content_type="text/html")
 
     async def tte_post(request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_FORM:
-            raise MalformedMessage("claim is too large")
-        if request.content_type == "application/json":
-            try:
-                data = await request.json()
-            except ValueError:
-                raise MalformedMessage("claim body is not JSON") from None
-            if not isinstance(data, dict):
-                raise MalformedMessage("claim body must be a JSON object")
-        else:
-            data = dict(await request.post())
+        data = await read_claim_body(request)
         # The draft puts otp/devid in the URL; a form may carry them as fields.
-        otp = str(data.get("otp") or request.query.get("otp", ""))
-        devid = str(data.get("devid") or request.query.get("devid", ""))
-        result = await service.claim(otp_hex=otp, devid_hex=devid, cip=str(data.get("cip", "")),
-                                     cport=data.get("cport", ""), cfingerprint=str(data.get("cfingerprint", "")))
+        otp = data.get("otp") or request.query.get("otp", "")
+        devid = data.get("devid") or request.query.get("devid", "")
+        result = await service.claim(otp_hex=_text(otp, "otp"), devid_hex=_text(devid, "devid"),
+                                     cip=_text(data.get("cip", ""), "cip"), cport=data.get("cport", ""),
+                                     cfingerprint=_text(data.get("cfingerprint", ""), "cfingerprint"))
         return web.json_response(_result(result))
 
     async def register(request: web.Request) -> web.Response:
@@ -90,5 +83,41 @@ def rendezvous_app(service: RendezvousService, public_info: dict | None = None) 
     app.router.add_post("/rv/v1/find-owner", cbor_route(service.find_owner))
     app.router.add_post("/rv/v1/registered", registered)
     app.router.add_get("/rv/v1/info", info)
-    app["content_type"] = CBOR
     return app
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{name} must be a string")
+    return value
+
+
+async def read_claim_body(request: web.Request) -> dict:
+    """A claim as JSON or an HTML form, read with a hard size bound (chunked bodies included)."""
+    if request.content_length is not None and request.content_length > MAX_FORM:
+        raise MalformedMessage("claim is too large")
+    raw = await request.content.read(MAX_FORM + 1)
+    if len(raw) > MAX_FORM:
+        raise MalformedMessage("claim is too large")
+    try:
+        text = raw.decode(request.charset or "utf-8")
+    except (LookupError, UnicodeError):
+        raise MalformedMessage("claim body is not JSON or form text in a known character set") from None
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise MalformedMessage("claim body is not JSON") from None
+        if not isinstance(data, dict):
+            raise MalformedMessage("claim body must be a JSON object")
+        return data
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise ProtocolError("send the claim as application/json or an HTML form",
+                            status=415, code="media_type")
+    try:
+        fields = parse_qs(text, keep_blank_values=True, strict_parsing=False, max_num_fields=16)
+    except ValueError:
+        raise MalformedMessage("claim form is malformed") from None
+    if any(len(v) != 1 for v in fields.values()):
+        raise MalformedMessage("each claim field may appear once")
+    return {k: v[0] for k, v in fields.items()}
