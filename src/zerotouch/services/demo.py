@@ -227,6 +227,12 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         onboarded_serials = {r.serial for r in reports if r.onboarded}
         if observer is not None and telemetry:
             await observer.wait_for(onboarded_serials, timeout=10)
+            # every QoS 1 publish was acknowledged; give the observer's copies a moment to arrive
+            expected = telemetry * len(onboarded_serials)
+            for _ in range(50):
+                if sum(observer.counts.get(s, 0) for s in onboarded_serials) >= expected:
+                    break
+                await asyncio.sleep(0.1)
         procs.check()
         times = sorted(r.onboarding_ms for r in reports if r.onboarded and r.onboarding_ms is not None)
         failed = [r for r in reports if not r.onboarded or r.error]
