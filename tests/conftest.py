@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet import make_fleet
 from support import IN_CI, PG_URL, drop_pg_schema, make_pg_schema, need, pg_reachable  # noqa: F401
 
 
@@ -24,3 +25,11 @@ async def db_url(request, tmp_path):
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path}/zt.db"
+
+@pytest.fixture
+async def fleet(tmp_path, sqlite_url):
+    fl = await make_fleet(tmp_path, sqlite_url)
+    try:
+        yield fl
+    finally:
+        await fl.store.close()

@@ -85,13 +85,6 @@ class Sleeps:
             await self.on_call()
 
 
-@pytest.fixture
-async def fleet(tmp_path, sqlite_url):
-    fl = await make_fleet(tmp_path, sqlite_url)
-    try:
-        yield fl
-    finally:
-        await fl.store.close()
 
 
 def agent_for(dev, transport, **kw) -> Agent:

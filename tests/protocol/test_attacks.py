@@ -38,13 +38,6 @@ LDEVID_KEY_FILE = "ldevid.key"  # where the software identity keeps a key it mad
 
 
 # --- helpers -------------------------------------------------------------------------------
-@pytest.fixture
-async def fleet(tmp_path, sqlite_url):
-    fl = await make_fleet(tmp_path, sqlite_url)
-    try:
-        yield fl
-    finally:
-        await fl.store.close()
 
 
 @pytest.fixture

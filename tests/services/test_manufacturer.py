@@ -29,7 +29,7 @@ from zerotouch.services.manufacturer import (FACTORY_FILE, SECRET_FILE, Manufact
                                              RendezvousInfo, read_factory)
 from zerotouch.util import files
 
-from fleet import make_fleet
+
 
 RV_URL = "https://127.0.0.1:8443"
 LABEL_RE = re.compile(r"https://127\.0\.0\.1:8443/\.well-known/tte\?otp=([0-9a-f]{16})&devid=([0-9a-f]{8})")
@@ -46,13 +46,6 @@ def maker(tmp_path) -> Manufacturer:
     return Manufacturer(tmp_path / "manufacturer")
 
 
-@pytest.fixture
-async def fleet(tmp_path, sqlite_url):
-    fl = await make_fleet(tmp_path, sqlite_url)
-    try:
-        yield fl
-    finally:
-        await fl.store.close()
 
 
 def mode_of(path: Path) -> int:

@@ -25,18 +25,8 @@ from http_harness import (ADMIN_TOKEN, CBOR, CBOR_ENDPOINTS, GW_DONE, GW_HELLO, 
                           snapshot, start_servers, valid_set)
 
 
-@pytest.fixture
-async def servers(tmp_path, db_url):
-    s = await start_servers(tmp_path, db_url)
-    yield s
-    await s.close()
 
 
-@pytest.fixture
-async def sq_servers(tmp_path, sqlite_url):
-    s = await start_servers(tmp_path, sqlite_url)
-    yield s
-    await s.close()
 
 
 # --- 1. a whole onboarding over HTTPS ---------------------------------------------------------

@@ -15,23 +15,13 @@ from zerotouch.pki.ca import load_der_cert
 from zerotouch.pki.keys import cert_fingerprint
 from zerotouch.protocol.states import RendezvousStatus
 
-from http_harness import snapshot, start_servers
+from http_harness import snapshot
 
 TTE = "/.well-known/tte"
 
 
-@pytest.fixture
-async def servers(tmp_path, db_url):
-    s = await start_servers(tmp_path, db_url)
-    yield s
-    await s.close()
 
 
-@pytest.fixture
-async def sq_servers(tmp_path, sqlite_url):
-    s = await start_servers(tmp_path, sqlite_url)
-    yield s
-    await s.close()
 
 
 def _label_url(s, dev) -> str:

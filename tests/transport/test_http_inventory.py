@@ -11,23 +11,13 @@ import logging
 
 import pytest
 
-from http_harness import ADMIN_TOKEN, raw_https, snapshot, start_servers
+from http_harness import ADMIN_TOKEN, raw_https, snapshot
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture
-async def servers(tmp_path, db_url):
-    s = await start_servers(tmp_path, db_url)
-    yield s
-    await s.close()
 
 
-@pytest.fixture
-async def sq_servers(tmp_path, sqlite_url):
-    s = await start_servers(tmp_path, sqlite_url)
-    yield s
-    await s.close()
 
 
 def _inv(s) -> str:

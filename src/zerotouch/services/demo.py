@@ -28,7 +28,7 @@ from ..transport.http.client import HttpDeviceTransport
 from ..util.files import atomic_write_json, read_json
 from ..util.net import RoundRobinBalancer, free_port, wait_for_port
 from .admin import register_devices
-from .manufacturer import Manufacturer, RendezvousInfo
+from .manufacturer import Manufacturer
 from .roles import init_gateway, init_rendezvous, owner_ca
 from .terminus import TelemetryObserver, Terminus, find_mosquitto, write_terminus_config
 
