@@ -81,6 +81,9 @@ class SyncSqliteEngine:
     def connect(self):
         return _SyncContext(self.sync_engine.connect())
 
+    def execution_options(self, **_options) -> "SyncSqliteEngine":
+        return self  # SQLite reads are already cheap; one connection serves both
+
     async def dispose(self) -> None:
         self.sync_engine.dispose()
 
@@ -115,6 +118,9 @@ def _row(cls, row, **conv):
 class _Repo:
     def __init__(self, engine: AsyncEngine):
         self.e = engine
+        # Reads and single-statement writes need no explicit transaction (one statement is atomic);
+        # on PostgreSQL that saves the BEGIN and COMMIT/ROLLBACK round trips.
+        self.r = engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 class SqlRendezvousRepo(_Repo):
@@ -122,18 +128,18 @@ class SqlRendezvousRepo(_Repo):
         values = dataclasses.asdict(rec)
         values["status"] = rec.status.value
         try:
-            async with self.e.begin() as c:
+            async with self.r.begin() as c:
                 await c.execute(insert(rv_devices).values(**values))
         except IntegrityError:
             raise Conflict(f"device {rec.serial} is already registered") from None
 
     async def get(self, serial: str) -> RvDeviceRecord | None:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             row = (await c.execute(select(rv_devices).where(rv_devices.c.serial == serial))).first()
         return _row(RvDeviceRecord, row, status=RendezvousStatus) if row else None
 
     async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float) -> bool:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             res = await c.execute(
                 update(rv_devices)
                 .where(rv_devices.c.serial == serial,
@@ -146,18 +152,18 @@ class SqlRendezvousRepo(_Repo):
         values = {"status": new.value}
         if new is RendezvousStatus.REGISTERED:
             values["registered_at"] = now
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             res = await c.execute(update(rv_devices).where(
                 rv_devices.c.serial == serial, rv_devices.c.status == old.value).values(**values))
         return res.rowcount == 1
 
     async def note_failed_claim(self, serial: str) -> None:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(update(rv_devices).where(rv_devices.c.serial == serial)
                             .values(failed_claims=rv_devices.c.failed_claims + 1))
 
     async def count_by_status(self) -> dict[str, int]:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             rows = await c.execute(select(rv_devices.c.status, func.count()).group_by(rv_devices.c.status))
         return {s: n for s, n in rows}
 
@@ -167,30 +173,30 @@ class SqlInventoryRepo(_Repo):
         values = dataclasses.asdict(rec)
         values["state"] = rec.state.value
         try:
-            async with self.e.begin() as c:
+            async with self.r.begin() as c:
                 await c.execute(insert(gw_inventory).values(**values))
         except IntegrityError:
             return False
         return True
 
     async def get(self, serial: str) -> InventoryRecord | None:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             row = (await c.execute(select(gw_inventory).where(gw_inventory.c.serial == serial))).first()
         return _row(InventoryRecord, row, state=InventoryState) if row else None
 
     async def list(self, limit: int = 1000) -> list[InventoryRecord]:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             rows = await c.execute(select(gw_inventory).order_by(gw_inventory.c.serial).limit(limit))
         return [_row(InventoryRecord, r, state=InventoryState) for r in rows]
 
     async def remove(self, serial: str) -> None:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(delete(gw_inventory).where(gw_inventory.c.serial == serial))
 
     async def update(self, serial: str, **fields) -> None:
         if "state" in fields:
             fields["state"] = InventoryState(fields["state"]).value
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(update(gw_inventory).where(gw_inventory.c.serial == serial).values(**fields))
 
 
@@ -198,7 +204,7 @@ class SqlSessionRepo(_Repo):
     async def create(self, rec: SessionRecord) -> None:
         values = dataclasses.asdict(rec)
         values["state"] = rec.state.value
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(insert(gw_sessions).values(**values))
 
     async def start(self, rec: SessionRecord) -> None:
@@ -231,19 +237,19 @@ class SqlSessionRepo(_Repo):
         return True
 
     async def get(self, session_id: bytes) -> SessionRecord | None:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             row = (await c.execute(select(gw_sessions).where(gw_sessions.c.id == session_id))).first()
         return _row(SessionRecord, row, state=SessionState) if row else None
 
     async def advance(self, session_id, old, new, **fields) -> bool:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             res = await c.execute(update(gw_sessions).where(
                 gw_sessions.c.id == session_id, gw_sessions.c.state == old.value)
                 .values(state=new.value, **fields))
         return res.rowcount == 1
 
     async def delete_expired(self, now: float) -> int:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             res = await c.execute(delete(gw_sessions).where(gw_sessions.c.expires < now))
         return res.rowcount
 
@@ -257,11 +263,11 @@ class SqlSecretRepo(_Repo):
         stmt = upsert(vault_secrets).values(kind=kind, name=name, ciphertext=ciphertext)
         stmt = stmt.on_conflict_do_update(index_elements=["kind", "name"],
                                           set_={"ciphertext": stmt.excluded.ciphertext})
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(stmt)
 
     async def get(self, kind: str, name: str) -> bytes | None:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             row = (await c.execute(select(vault_secrets.c.ciphertext).where(
                 vault_secrets.c.kind == kind, vault_secrets.c.name == name))).first()
         return row[0] if row else None
@@ -269,12 +275,12 @@ class SqlSecretRepo(_Repo):
 
 class SqlCertRepo(_Repo):
     async def add(self, serial_number, device_serial, der, not_after) -> None:
-        async with self.e.begin() as c:
+        async with self.r.begin() as c:
             await c.execute(insert(gw_certificates).values(
                 serial_number=serial_number, device_serial=device_serial, der=der, not_after=not_after))
 
     async def for_device(self, device_serial: str) -> list[bytes]:
-        async with self.e.connect() as c:
+        async with self.r.connect() as c:
             rows = await c.execute(select(gw_certificates.c.der).where(
                 gw_certificates.c.device_serial == device_serial))
         return [r[0] for r in rows]
