@@ -49,6 +49,9 @@ def cmd_rendezvous(args) -> int:
     if args.action == "status":
         from ..services.admin import rendezvous_status
         return asyncio.run(rendezvous_status(args.dir, args.serial))
+    if args.action == "revoke":
+        from ..services.admin import rendezvous_revoke
+        return asyncio.run(rendezvous_revoke(args.dir, args.serial))
     return 2
 
 
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     rst = rs.add_parser("status")
     rst.add_argument("--dir", required=True, type=Path)
     rst.add_argument("serial", nargs="?")
+    rrv = rs.add_parser("revoke", help="never redirect this device again")
+    rrv.add_argument("--dir", required=True, type=Path)
+    rrv.add_argument("serial")
     r.set_defaults(func=cmd_rendezvous)
 
     g = sub.add_parser("gateway", help="the owner gateway (with its vault)")

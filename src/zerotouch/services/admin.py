@@ -70,6 +70,19 @@ async def rendezvous_status(directory: Path, serial: str | None) -> int:
     return 0
 
 
+async def rendezvous_revoke(directory: Path, serial: str) -> int:
+    rv = await build_rendezvous(directory)
+    try:
+        rec = await rv.service.revoke(serial)
+        print(f"{rec.serial}: {rec.status.value}")
+        return 0
+    except ProtocolError as exc:
+        console.print(f"[red]refused:[/red] {exc.message}")
+        return 1
+    finally:
+        await rv.store.close()
+
+
 async def gateway_register(directory: Path, label_url: str | None, csv_path: Path | None,
                            description: str) -> int:
     gw = await build_gateway(directory)

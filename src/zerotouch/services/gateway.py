@@ -23,7 +23,7 @@ from ..protocol.errors import (BadSignature, Conflict, MalformedMessage, NotAuth
                                ProtocolError, StaleMessage)
 from ..protocol.messages import (Bundle, Challenge, Credentials, Done, DoneAck, Hello, Prove,
                                  RvRegistered)
-from ..protocol.states import InventoryState, SessionState
+from ..protocol.states import SESSION_TRANSITIONS, InventoryState, SessionState
 from ..protocol.tte import parse_label
 from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import InventoryRecord, SessionRecord, Store
@@ -137,20 +137,21 @@ class GatewayService:
         return await self.vault.sign(Challenge(session=session, nonce=msg.nonce, challenge=challenge,
                                                owner_proof=proof, expires=int(expires)).encode())
 
-    async def _session(self, session_id: bytes, cert: x509.Certificate, expected: SessionState):
+    async def _session(self, session_id: bytes, cert: x509.Certificate, target: SessionState):
+        """The session this message continues, if the transition table lets it go to `target`."""
         now = self.cfg.clock()
         sess = await self.store.sessions.get(session_id)
         if sess is None or sess.expires < now:
             raise StaleMessage("unknown or expired onboarding session; start again with hello")
         if not hmac.compare_digest(sess.idevid_fp, cert_fingerprint(cert)):
             raise NotAuthorized("session belongs to another device")
-        if sess.state is not expected:
+        if target not in SESSION_TRANSITIONS[sess.state]:
             raise Conflict(f"session is {sess.state.value}; this message was already processed")
         return sess
 
     async def prove(self, body: bytes) -> bytes:
         msg, cert = verify_device_signed(body, Prove, self.cfg.manufacturer_cas, self.cfg.clock())
-        sess = await self._session(msg.session, cert, SessionState.CHALLENGED)
+        sess = await self._session(msg.session, cert, SessionState.CREDENTIALED)
         try:
             if not hmac.compare_digest(msg.challenge, sess.challenge):
                 raise BadSignature("challenge answer does not match")
@@ -181,7 +182,7 @@ class GatewayService:
 
     async def done(self, body: bytes) -> bytes:
         msg, cert = verify_device_signed(body, Done, self.cfg.manufacturer_cas, self.cfg.clock())
-        sess = await self._session(msg.session, cert, SessionState.CREDENTIALED)
+        sess = await self._session(msg.session, cert, SessionState.DONE)
         if not sess.ldevid_der or not hmac.compare_digest(
                 msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):
             raise NotAuthorized("device reports another certificate than the one issued")

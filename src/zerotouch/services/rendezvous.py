@@ -20,7 +20,7 @@ from ..protocol.errors import (Conflict, MalformedMessage, NotAuthorized, NotFou
                                TryLater)
 from ..protocol.messages import FindOwner, Redirect, RvRegister, RvRegistered
 from ..protocol.proofs import check_otp
-from ..protocol.states import RendezvousStatus
+from ..protocol.states import RENDEZVOUS_TRANSITIONS, RendezvousStatus, check_transition
 from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import RendezvousRepo, RvDeviceRecord
 
@@ -179,10 +179,22 @@ class RendezvousService:
         if rec.owner_fp != spki_fingerprint(owner_key):
             raise NotAuthorized("only the owner that claimed the device may report it")
         if rec.status is RendezvousStatus.REGISTERED:
-            return
-        if not await self.repo.set_status(msg.serial, RendezvousStatus.MAPPED,
-                                          RendezvousStatus.REGISTERED, now):
-            raise Conflict(f"device is {rec.status.value}, not mapped")
+            return  # reports are retried: the second one changes nothing
+        await self._move(rec, RendezvousStatus.REGISTERED, now)
+
+    async def revoke(self, serial: str) -> RvDeviceRecord:
+        """The device is retired or stolen: it is never redirected again."""
+        rec = await self.repo.get(serial)
+        if rec is None:
+            raise NotFound(f"no device {serial} is registered here")
+        if rec.status is not RendezvousStatus.REVOKED:
+            await self._move(rec, RendezvousStatus.REVOKED, self.cfg.clock())
+        return await self.repo.get(serial)
+
+    async def _move(self, rec: RvDeviceRecord, new: RendezvousStatus, now: float) -> None:
+        check_transition(RENDEZVOUS_TRANSITIONS, rec.status, new)
+        if not await self.repo.set_status(rec.serial, rec.status, new, now):
+            raise Conflict(f"device {rec.serial} changed status meanwhile; try again")
 
 
 def _parse_label_ids(devid_hex: str, otp_hex: str) -> tuple[str, bytes]:
