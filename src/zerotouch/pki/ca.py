@@ -97,6 +97,29 @@ class CertificateAuthority:
         return b.sign(self.key, hashes.SHA256())
 
 
+REASONS = {r.name: r for r in x509.ReasonFlags}
+
+
+def make_crl(ca: "CertificateAuthority", entries: list[tuple[int, float, str]], *,
+             next_update_s: float, number: int) -> x509.CertificateRevocationList:
+    """A CRL over (serial number, revoked-at epoch, reason name) entries."""
+    now = _now()
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+         .last_update(now - dt.timedelta(minutes=5))
+         .next_update(now + dt.timedelta(seconds=next_update_s))
+         .add_extension(x509.CRLNumber(number), critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                        critical=False))
+    for serial, revoked_at, reason in entries:
+        rb = (x509.RevokedCertificateBuilder().serial_number(serial)
+              .revocation_date(dt.datetime.fromtimestamp(revoked_at, dt.timezone.utc)))
+        flag = REASONS.get(reason)
+        if flag is not None and flag is not x509.ReasonFlags.unspecified:
+            rb = rb.add_extension(x509.CRLReason(flag), critical=False)
+        b = b.add_revoked_certificate(rb.build())
+    return b.sign(ca.key, hashes.SHA256())
+
+
 def device_identity(cert: x509.Certificate) -> tuple[str, str]:
     """(serial, urn) named by a device certificate."""
     serials = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)

@@ -9,15 +9,17 @@ encrypted with a key derived from it.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..pki.ca import CertificateAuthority, make_root
+from ..pki.ca import CertificateAuthority, make_crl, make_root
 from ..pki.keys import (cert_der, generate_p256, load_cert, load_private_key, save_cert,
                         save_private_key, spki_fingerprint)
 from ..protocol import cose
@@ -27,6 +29,7 @@ from ..protocol.sealing import seal_secret
 from ..storage.base import CertRepo, SecretRepo
 from ..util.files import atomic_write
 
+CERT_KINDS = ("ldevid", "operational", "idevid")
 OWNER_KEY = "owner.key"
 OWNER_CA = "owner-ca.pem"
 VAULT_KEY = "vault.key"
@@ -48,6 +51,14 @@ class Vault(Protocol):
     async def owner_proof(self, serial: str, nonce: bytes) -> bytes: ...
 
     async def issue_ldevid(self, csr_der: bytes, serial: str, urn: str, days: float) -> bytes: ...
+
+    async def issue_certificate(self, csr_der: bytes, serial: str, urn: str, days: float,
+                                kind: str) -> bytes:
+        """A device certificate from the owner CA: subject and SAN from our records, the key
+        from the CSR (proof of possession checked), recorded with its kind."""
+
+    async def make_crl(self, next_update_s: float) -> bytes:
+        """A CRL (DER) of every revoked, unexpired certificate, signed by the owner CA."""
 
     async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
                                   nonce: bytes) -> bytes:
@@ -98,9 +109,12 @@ def check_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
         raise MalformedMessage("CSR key does not parse or is not supported") from None
     if not valid:
         raise MalformedMessage("CSR signature is invalid (no proof of possession)")
-    if not (isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name in ("secp256r1", "secp384r1")):
-        raise MalformedMessage("CSR key must be EC P-256 or P-384")
-    return csr
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name in ("secp256r1", "secp384r1"):
+        return csr
+    if isinstance(pub, rsa.RSAPublicKey) and pub.key_size >= 2048:
+        return csr
+    raise MalformedMessage("CSR key must be EC P-256, EC P-384 or RSA of at least 2048 bits")
 
 
 class LocalVault:
@@ -155,11 +169,28 @@ class LocalVault:
         return owner_proof(await self._n_device(serial), nonce)
 
     async def issue_ldevid(self, csr_der: bytes, serial: str, urn: str, days: float) -> bytes:
+        return await self.issue_certificate(csr_der, serial, urn, days, "ldevid")
+
+    async def issue_certificate(self, csr_der: bytes, serial: str, urn: str, days: float,
+                                kind: str) -> bytes:
+        if kind not in CERT_KINDS:
+            raise MalformedMessage(f"unknown certificate kind {kind!r}")
+        if not 0 < days <= 825:
+            raise MalformedMessage("validity must be more than 0 and at most 825 days")
         csr = check_csr(csr_der)
         cert = self._ca.issue_device(csr.public_key(), serial=serial, urn=urn, days=days)
         await self._certs.add(format(cert.serial_number, "x"), serial, cert_der(cert),
-                              cert.not_valid_after_utc.timestamp())
+                              cert.not_valid_after_utc.timestamp(), kind=kind, issued_at=time.time())
         return cert_der(cert)
+
+    async def make_crl(self, next_update_s: float) -> bytes:
+        if not 60 <= next_update_s <= 30 * 86400:
+            raise MalformedMessage("next update must be between a minute and 30 days away")
+        revoked = await self._certs.revoked()
+        entries = [(int(r.serial_number, 16), r.revoked_at, r.reason or "unspecified") for r in revoked]
+        # CRL numbers must grow: the time in milliseconds does, across processes and restarts.
+        crl = make_crl(self._ca, entries, next_update_s=next_update_s, number=int(time.time() * 1000))
+        return crl.public_bytes(Encoding.DER)
 
     async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
                                   nonce: bytes) -> bytes:

@@ -154,6 +154,14 @@ class RemoteVault:
         return await self._call("issue_ldevid", csr_der=csr_der, serial=serial, urn=urn,
                                 days=float(days))
 
+    async def issue_certificate(self, csr_der: bytes, serial: str, urn: str, days: float,
+                                kind: str) -> bytes:
+        return await self._call("issue_certificate", csr_der=csr_der, serial=serial, urn=urn,
+                                days=float(days), kind=kind)
+
+    async def make_crl(self, next_update_s: float) -> bytes:
+        return await self._call("make_crl", next_update_s=float(next_update_s))
+
     async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
                                   nonce: bytes) -> bytes:
         return await self._call("seal_channel_secret", serial=serial, seal_key=seal_key,

@@ -91,9 +91,51 @@ class SecretRepo(Protocol):
     async def get(self, kind: str, name: str) -> bytes | None: ...
 
 
+@dataclass
+class CertRecord:
+    serial_number: str          # certificate serial, lowercase hex
+    device_serial: str
+    der: bytes
+    not_after: float
+    kind: str = "ldevid"        # ldevid | operational | idevid | server
+    issued_at: float = 0.0
+    revoked_at: float | None = None
+    reason: str | None = None   # RFC 5280 reason name when revoked
+
+
 class CertRepo(Protocol):
-    async def add(self, serial_number: str, device_serial: str, der: bytes, not_after: float) -> None: ...
+    async def add(self, serial_number: str, device_serial: str, der: bytes, not_after: float,
+                  *, kind: str = "ldevid", issued_at: float = 0.0) -> None: ...
     async def for_device(self, device_serial: str) -> list[bytes]: ...
+    async def get(self, serial_number: str) -> CertRecord | None: ...
+    async def records_for_device(self, device_serial: str) -> list[CertRecord]: ...
+    async def revoke(self, serial_number: str, now: float, reason: str) -> bool:
+        """Mark revoked; False if unknown or already revoked (the first revocation stands)."""
+    async def revoked(self) -> list[CertRecord]:
+        """Every revoked certificate not yet expired (what a CRL must list)."""
+
+
+@dataclass
+class EnrollRequest:
+    """An EST enrollment waiting for (or decided by) a person: RFC 7030 §4.2.3 202 + Retry-After."""
+    id: str                     # hex SHA-256 of the CSR: the retried request finds its record
+    device_serial: str
+    label: str
+    csr_der: bytes
+    state: str = "pending"      # pending | approved | rejected | issued
+    created_at: float = 0.0
+    decided_at: float | None = None
+    cert_serial: str | None = None
+
+
+class EnrollRequestRepo(Protocol):
+    async def add(self, req: EnrollRequest) -> bool:
+        """Insert; False if a request with this id exists (nothing changes)."""
+    async def get(self, request_id: str) -> EnrollRequest | None: ...
+    async def list(self, state: str | None = None, limit: int = 1000) -> list[EnrollRequest]: ...
+    async def decide(self, request_id: str, old: str, new: str, now: float,
+                     cert_serial: str | None = None) -> bool:
+        """Compare-and-set the state."""
 
 
 class Store(Protocol):
@@ -102,5 +144,6 @@ class Store(Protocol):
     sessions: SessionRepo
     secrets: SecretRepo
     certs: CertRepo
+    enroll_requests: EnrollRequestRepo
 
     async def close(self) -> None: ...

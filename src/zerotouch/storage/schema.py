@@ -61,4 +61,21 @@ gw_certificates = Table(
     Column("device_serial", String(64), nullable=False, index=True),
     Column("der", LargeBinary, nullable=False),
     Column("not_after", Float, nullable=False),
+    Column("kind", String(16), nullable=False, server_default="ldevid"),
+    Column("issued_at", Float, nullable=False, server_default="0"),
+    Column("revoked_at", Float),
+    Column("reason", String(32)),
+    Index("ix_gw_certificates_revoked_at", "revoked_at"),
+)
+
+est_requests = Table(
+    "est_requests", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("device_serial", String(64), nullable=False, index=True),
+    Column("label", String(64), nullable=False),
+    Column("csr_der", LargeBinary, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("decided_at", Float),
+    Column("cert_serial", String(64)),
 )

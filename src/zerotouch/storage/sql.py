@@ -10,8 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..protocol.errors import Conflict
 from ..protocol.states import InventoryState, RendezvousStatus, SessionState
-from .base import InventoryRecord, RvDeviceRecord, SessionRecord
-from .schema import gw_certificates, gw_inventory, gw_sessions, rv_devices, vault_secrets
+from .base import CertRecord, EnrollRequest, InventoryRecord, RvDeviceRecord, SessionRecord
+from .schema import (est_requests, gw_certificates, gw_inventory, gw_sessions, rv_devices,
+                     vault_secrets)
 
 
 def engine_url(url: str) -> tuple[URL, dict]:
@@ -274,16 +275,74 @@ class SqlSecretRepo(_Repo):
 
 
 class SqlCertRepo(_Repo):
-    async def add(self, serial_number, device_serial, der, not_after) -> None:
+    async def add(self, serial_number, device_serial, der, not_after, *, kind="ldevid",
+                  issued_at=0.0) -> None:
         async with self.r.begin() as c:
             await c.execute(insert(gw_certificates).values(
-                serial_number=serial_number, device_serial=device_serial, der=der, not_after=not_after))
+                serial_number=serial_number, device_serial=device_serial, der=der, not_after=not_after,
+                kind=kind, issued_at=issued_at))
 
     async def for_device(self, device_serial: str) -> list[bytes]:
+        return [r.der for r in await self.records_for_device(device_serial)]
+
+    async def get(self, serial_number: str) -> CertRecord | None:
         async with self.r.connect() as c:
-            rows = await c.execute(select(gw_certificates.c.der).where(
-                gw_certificates.c.device_serial == device_serial))
-        return [r[0] for r in rows]
+            row = (await c.execute(select(gw_certificates).where(
+                gw_certificates.c.serial_number == serial_number))).first()
+        return _row(CertRecord, row) if row else None
+
+    async def records_for_device(self, device_serial: str) -> list[CertRecord]:
+        async with self.r.connect() as c:
+            rows = await c.execute(select(gw_certificates).where(
+                gw_certificates.c.device_serial == device_serial).order_by(gw_certificates.c.issued_at))
+        return [_row(CertRecord, r) for r in rows]
+
+    async def revoke(self, serial_number: str, now: float, reason: str) -> bool:
+        async with self.r.begin() as c:
+            res = await c.execute(update(gw_certificates).where(
+                gw_certificates.c.serial_number == serial_number, gw_certificates.c.revoked_at.is_(None))
+                .values(revoked_at=now, reason=reason))
+        return res.rowcount == 1
+
+    async def revoked(self) -> list[CertRecord]:
+        import time
+        async with self.r.connect() as c:
+            rows = await c.execute(select(gw_certificates).where(
+                gw_certificates.c.revoked_at.is_not(None), gw_certificates.c.not_after > time.time())
+                .order_by(gw_certificates.c.revoked_at))
+        return [_row(CertRecord, r) for r in rows]
+
+
+class SqlEnrollRequestRepo(_Repo):
+    async def add(self, req: EnrollRequest) -> bool:
+        try:
+            async with self.r.begin() as c:
+                await c.execute(insert(est_requests).values(**dataclasses.asdict(req)))
+        except IntegrityError:
+            return False
+        return True
+
+    async def get(self, request_id: str) -> EnrollRequest | None:
+        async with self.r.connect() as c:
+            row = (await c.execute(select(est_requests).where(est_requests.c.id == request_id))).first()
+        return _row(EnrollRequest, row) if row else None
+
+    async def list(self, state: str | None = None, limit: int = 1000) -> list[EnrollRequest]:
+        q = select(est_requests).order_by(est_requests.c.created_at).limit(limit)
+        if state is not None:
+            q = q.where(est_requests.c.state == state)
+        async with self.r.connect() as c:
+            rows = await c.execute(q)
+        return [_row(EnrollRequest, r) for r in rows]
+
+    async def decide(self, request_id, old, new, now, cert_serial=None) -> bool:
+        values = {"state": new, "decided_at": now}
+        if cert_serial is not None:
+            values["cert_serial"] = cert_serial
+        async with self.r.begin() as c:
+            res = await c.execute(update(est_requests).where(
+                est_requests.c.id == request_id, est_requests.c.state == old).values(**values))
+        return res.rowcount == 1
 
 
 class SqlStore:
@@ -294,6 +353,7 @@ class SqlStore:
         self.sessions = SqlSessionRepo(engine)
         self.secrets = SqlSecretRepo(engine)
         self.certs = SqlCertRepo(engine)
+        self.enroll_requests = SqlEnrollRequestRepo(engine)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -45,6 +45,9 @@ OPS: dict[str, tuple[str, dict[str, type], type]] = {
     "owner-proof": ("owner_proof", {"serial": str, "nonce": bytes}, bytes),
     "issue-ldevid": ("issue_ldevid", {"csr_der": bytes, "serial": str, "urn": str, "days": float},
                      bytes),
+    "issue-certificate": ("issue_certificate", {"csr_der": bytes, "serial": str, "urn": str,
+                                                "days": float, "kind": str}, bytes),
+    "make-crl": ("make_crl", {"next_update_s": float}, bytes),
     "seal-channel-secret": ("seal_channel_secret", {"serial": str, "seal_key": bytes,
                                                     "session": bytes, "nonce": bytes}, bytes),
 }
