@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .revoke import add_revoke_parser
 from .vault import add_vault_parser
 
 
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     gv = gs.add_parser("inventory", help="list the inventory")
     gv.add_argument("--dir", required=True, type=Path)
     gv.add_argument("--json", action="store_true")
+    add_revoke_parser(gs)
     g.set_defaults(func=cmd_gateway)
 
     t = sub.add_parser("terminus", help="the owner's MQTT broker (Mosquitto)")

@@ -97,7 +97,7 @@ class CertificateAuthority:
         return b.sign(self.key, hashes.SHA256())
 
 
-REASONS = {r.name: r for r in x509.ReasonFlags}
+REASONS = {r.value: r for r in x509.ReasonFlags}  # RFC 5280 names (keyCompromise...)
 
 
 def make_crl(ca: "CertificateAuthority", entries: list[tuple[int, float, str]], *,

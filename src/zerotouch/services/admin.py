@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 
 from rich.console import Console
@@ -123,15 +124,29 @@ async def gateway_inventory(directory: Path, as_json: bool) -> int:
     return 0
 
 
-async def terminus_serve(gateway_dir: Path, directory: Path | None) -> int:
-    from .terminus import Terminus, find_mosquitto, write_terminus_config
+async def terminus_serve(gateway_dir: Path, directory: Path | None, *,
+                         crl_interval: float = 10.0) -> int:
+    """Mosquitto for the gateway's devices, refusing revoked ones: every `crl_interval` seconds
+    the CRL is rebuilt from the gateway's database (any replica's revocations) and, when it
+    changed, written to the terminus crlfile and reloaded (see services.terminus_crl)."""
+    from .revocation import RevocationService
+    from .terminus import find_mosquitto
+    from .terminus_crl import run_terminus_with_crl
     if find_mosquitto() is None:
         console.print("[red]Mosquitto is not installed: apt-get install mosquitto")
         return 1
     cfg = read_json(Path(gateway_dir) / "config.json")
-    files = write_terminus_config(directory or Path(gateway_dir) / "terminus", ca=owner_ca(gateway_dir),
-                                  host=cfg["terminus_host"], port=cfg["terminus_port"])
-    async with Terminus(files) as term:
-        print(f"terminus listening on {term.url}", flush=True)
-        await asyncio.Event().wait()
+    # SIGTERM stops Mosquitto too; by default it would kill only us and orphan the broker
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    gw = await build_gateway(gateway_dir)
+    try:
+        crls = RevocationService(gw.store, gw.service.vault)
+        await run_terminus_with_crl(
+            directory or Path(gateway_dir) / "terminus", ca=owner_ca(gateway_dir),
+            host=cfg["terminus_host"], port=cfg["terminus_port"], source=crls.current_crl,
+            interval=crl_interval, stop=stop,
+            on_ready=lambda term: print(f"terminus listening on {term.url}", flush=True))
+    finally:
+        await gw.close()
     return 0

@@ -138,7 +138,8 @@ class GatewayService:
                                                owner_proof=proof, expires=int(expires)).encode())
 
     async def _session(self, session_id: bytes, cert: x509.Certificate, target: SessionState):
-        """The session this message continues, if the transition table lets it go to `target`."""
+        """The session this message continues, if the transition table lets it go to `target`
+        and the owner has not revoked the device meanwhile."""
         now = self.cfg.clock()
         sess = await self.store.sessions.get(session_id)
         if sess is None or sess.expires < now:
@@ -147,6 +148,9 @@ class GatewayService:
             raise NotAuthorized("session belongs to another device")
         if target not in SESSION_TRANSITIONS[sess.state]:
             raise Conflict(f"session is {sess.state.value}; this message was already processed")
+        inv = await self.store.inventory.get(sess.serial)
+        if inv is None or inv.state is InventoryState.REVOKED:
+            raise NotAuthorized("device is revoked by its owner", code="revoked")
         return sess
 
     async def prove(self, body: bytes) -> bytes:

@@ -233,8 +233,10 @@ class SqlSessionRepo(_Repo):
                 .values(state=SessionState.DONE.value))
             if res.rowcount != 1:
                 return False
-            await c.execute(update(gw_inventory).where(gw_inventory.c.serial == serial).values(
-                state=InventoryState.ONBOARDED.value, onboarded_at=now, last_error=None))
+            # A device revoked while it was onboarding stays revoked.
+            await c.execute(update(gw_inventory).where(
+                gw_inventory.c.serial == serial, gw_inventory.c.state != InventoryState.REVOKED.value)
+                .values(state=InventoryState.ONBOARDED.value, onboarded_at=now, last_error=None))
         return True
 
     async def get(self, session_id: bytes) -> SessionRecord | None:
