@@ -3,12 +3,18 @@
 On power-on: if state.json says onboarded, go straight to the terminus. Otherwise find the
 owner (retrying with backoff until claimed), onboard, store everything, report done, and
 then connect to the terminus.
+
+With operational certificates on (bundle setting `est_operational`, or `operational=True`),
+the agent enrolls a short-lived certificate over EST with its LDevID once onboarded, uses it
+for the terminus, and `maintain()` renews it when due (see renewal.py). Off, nothing changes.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +30,14 @@ from ..services.manufacturer import SECRET_FILE, read_factory
 from ..transport.http.client import HttpDeviceTransport
 from .backoff import Backoff
 from ..util.files import remove_stale_temp_files
+from .est_client import EstClient
+from .renewal import Check, OperationalFiles, RenewalResult, expired, is_due, renew_at, swap, validity
 from .state import AgentState, load_state, save_state, store_credentials
 
 log = logging.getLogger("zerotouch.agent")
 MAX_ERRORS = 20  # a device may wait days to be claimed: keep only the latest reasons
+EST_LABEL = "operational"
+MAX_SLEEP = 3600.0  # re-check at least hourly: a device clock may jump (NTP after boot)
 
 
 @dataclass
@@ -43,13 +53,18 @@ class AgentReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     errors: list[str] = field(default_factory=list)
+    operational: str | None = None   # outcome of the operational-certificate step, when on
 
 
 class Agent:
     def __init__(self, device_dir: Path, *, transport=None, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.time, rng: Callable[[int], bytes] = os.urandom,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 max_attempts: int | None = None, deadline_s: float | None = None):
+                 max_attempts: int | None = None, deadline_s: float | None = None,
+                 operational: bool | None = None, terminus_check: Check | None = None,
+                 est_factory: Callable[..., EstClient] = EstClient,
+                 renewal_rand: random.Random | None = None,
+                 renewal_backoff: Backoff | None = None):
         self.dir = Path(device_dir)
         self.factory = read_factory(self.dir)
         self.serial = self.factory["serial"]
@@ -59,6 +74,15 @@ class Agent:
         self.clock, self.rng, self.sleep = clock, rng, sleep
         self.max_attempts = max_attempts
         self.deadline_s = deadline_s
+        # None: follow the owner's bundle; True/False: force operational certificates on/off.
+        self.operational = operational
+        self.terminus_check = terminus_check or self._terminus_check
+        self.est_factory = est_factory
+        self.renewal_rand = renewal_rand or random.Random()
+        self.renewal_backoff = renewal_backoff or Backoff(base=5.0, cap=900.0, rand=self.renewal_rand)
+        self.est_bytes_sent = self.est_bytes_received = 0
+        self.renewals: collections.deque[RenewalResult] = collections.deque(maxlen=MAX_ERRORS)
+        self._renew_lock = asyncio.Lock()
 
     def _core(self) -> DeviceOnboarding:
         identity = self._identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
@@ -125,7 +149,9 @@ class Agent:
         state = AgentState(phase="onboarded", gateway_url=res.gateway_url, owner_fp=res.owner_fp.hex(),
                            terminus_host=res.bundle.terminus_host, terminus_port=res.bundle.terminus_port,
                            topic_prefix=res.bundle.topic_prefix, onboarded_at=self.clock(),
-                           onboarding_ms=(self.clock() - started) * 1000)
+                           onboarding_ms=(self.clock() - started) * 1000,
+                           operational=self.operational if self.operational is not None
+                           else res.bundle.settings.get("est_operational") is True)
         await asyncio.to_thread(save_state, self.dir, state)  # the commit point
         return state
 
@@ -140,13 +166,15 @@ class Agent:
                 state = await self.onboard(report)
                 report.onboarding_ms = state.onboarding_ms
             report.onboarded = True
+            if self._operational_on(state):
+                await self._operational_step(report)
             if telemetry > 0:
                 await self.publish(state, telemetry, report)
         except Exception as exc:
             report.error = exc.message if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
         finally:
-            report.bytes_sent = getattr(self.transport, "bytes_sent", 0)
-            report.bytes_received = getattr(self.transport, "bytes_received", 0)
+            report.bytes_sent = getattr(self.transport, "bytes_sent", 0) + self.est_bytes_sent
+            report.bytes_received = getattr(self.transport, "bytes_received", 0) + self.est_bytes_received
             close = getattr(self.transport, "close", None)
             if close is not None:
                 await close()
@@ -155,12 +183,122 @@ class Agent:
     async def publish(self, state: AgentState, count: int, report: AgentReport) -> None:
         from .telemetry import publish_telemetry, telemetry_payload
 
-        identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
+        cert_file, key_file = self.terminus_credentials(state)
         codes = await publish_telemetry(
             host=state.terminus_host, port=state.terminus_port, ca_file=self.dir / "owner-ca.pem",
-            cert_file=self.dir / "ldevid.pem", key_file=identity.ldevid_key_file(),
+            cert_file=cert_file, key_file=key_file,
             topic=f"{state.topic_prefix}/telemetry",
             payloads=[telemetry_payload(self.serial, i, self.clock()) for i in range(count)])
         # MQTT v5: reason codes below 0x80 are success (16 = accepted, nobody subscribed yet).
         report.telemetry_sent = sum(1 for c in codes if c < 0x80)
         report.telemetry_refused = sum(1 for c in codes if c >= 0x80)
+
+    # --- operational certificates -----------------------------------------------------------
+    async def _operational_step(self, report: AgentReport) -> None:
+        # Not fatal: without a new operational pair the device goes on with the pair it has.
+        try:
+            result = await self.renew_if_due()
+        except (OSError, ValueError) as exc:
+            result = RenewalResult("failed", error=f"{type(exc).__name__}: {exc}")
+        report.operational = result.outcome if result else None
+        if result is not None and result.error:
+            report.errors = (report.errors + [result.error])[-MAX_ERRORS:]
+
+    def _operational_on(self, state: AgentState) -> bool:
+        return state.onboarded and (self.operational if self.operational is not None
+                                    else state.operational)
+
+    def _ldevid_files(self) -> tuple[Path, Path]:
+        identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
+        return self.dir / "ldevid.pem", identity.ldevid_key_file()
+
+    def terminus_credentials(self, state: AgentState) -> tuple[Path, Path]:
+        """The operational pair when on and valid, else the LDevID (a fallback, not a downgrade:
+        the owner issued both)."""
+        if self._operational_on(state):
+            files = OperationalFiles(self.dir)
+            cert = files.current()
+            if cert is not None and not expired(cert, self.clock()):
+                return files.cert_file, files.key_file
+        return self._ldevid_files()
+
+    async def _terminus_check(self, cert_file: Path, key_file: Path) -> None:
+        """Does the terminus take this pair? TLS with it, then MQTT CONNECT; nothing published."""
+        from .telemetry import publish_telemetry
+        state = load_state(self.dir)
+        await publish_telemetry(host=state.terminus_host, port=state.terminus_port,
+                                ca_file=self.dir / "owner-ca.pem", cert_file=cert_file,
+                                key_file=key_file, topic=f"{state.topic_prefix}/telemetry", payloads=[])
+
+    def _plan(self, state: AgentState, cert, now: float) -> None:
+        """Record when to renew `cert` (jittered once per certificate, then kept)."""
+        nb, na = validity(cert)
+        state.operational_not_after = na
+        state.renew_at = renew_at(nb, na, self.renewal_rand.random, now=now)
+
+    async def renew_if_due(self, *, force: bool = False) -> RenewalResult | None:
+        """Enroll (LDevID) or re-enroll (current pair) when due; None when operational is off."""
+        async with self._renew_lock:  # run() and maintain() may overlap; the files may not
+            return await self._renew_if_due(force)
+
+    async def _renew_if_due(self, force: bool) -> RenewalResult | None:
+        state = await asyncio.to_thread(load_state, self.dir)
+        if not self._operational_on(state):
+            return None
+        files = OperationalFiles(self.dir)
+        await asyncio.to_thread(files.recover)
+        current = await asyncio.to_thread(files.current)
+        now = self.clock()
+        if current is not None and abs((state.operational_not_after or 0) - validity(current)[1]) > 1:
+            self._plan(state, current, now)  # state.json lagged behind the files (crash, upgrade)
+            await asyncio.to_thread(save_state, self.dir, state)
+        if not force and not is_due(current, now, state.renew_at):
+            return RenewalResult("not_due", cert=current, next_at=state.renew_at)
+        # An expired pair cannot authenticate simplereenroll: start again from the LDevID.
+        reenroll = current is not None and not expired(current, now)
+        cert_file, key_file = (files.cert_file, files.key_file) if reenroll else self._ldevid_files()
+        try:
+            owner_ca = x509.load_pem_x509_certificate((self.dir / "owner-ca.pem").read_bytes())
+            template = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            client = self.est_factory(state.gateway_url, ca_pem=(self.dir / "owner-ca.pem").read_text(),
+                                      client_cert_file=cert_file, client_key_file=key_file)
+        except (OSError, ValueError) as exc:
+            return RenewalResult("failed", error=f"cannot set up EST: {type(exc).__name__}: {exc}")
+        op = client.simplereenroll if reenroll else client.simpleenroll
+        try:
+            result = await swap(files, enroll=lambda csr: op(csr, label=EST_LABEL),
+                                check=self.terminus_check, owner_ca=owner_ca, serial=self.serial,
+                                urn=self.factory["urn"], now=now, template=template)
+        finally:
+            self.est_bytes_sent += getattr(client, "bytes_sent", 0)
+            self.est_bytes_received += getattr(client, "bytes_received", 0)
+            await client.close()
+        if result.outcome == "promoted":
+            self._plan(state, result.cert, now)
+            state.operational_renewed_at = now
+            await asyncio.to_thread(save_state, self.dir, state)
+            result.next_at = state.renew_at
+        else:
+            log.info("%s: operational certificate %s: %s", self.serial, result.outcome, result.error)
+        self.renewals.append(result)
+        return result
+
+    async def maintain(self, *, rounds: int | None = None) -> list[RenewalResult]:
+        """Keep the operational certificate fresh until cancelled (or for `rounds` checks):
+        sleep until due, renew, retry failures with backoff honouring Retry-After."""
+        failures, done = 0, 0
+        while rounds is None or done < rounds:
+            done += 1
+            try:
+                result = await self.renew_if_due()
+            except (OSError, ValueError) as exc:  # storage trouble: retry, do not stop maintaining
+                result = RenewalResult("failed", error=f"{type(exc).__name__}: {exc}")
+            if result is None:
+                break  # operational certificates are off
+            if result.next_at is not None and result.outcome in ("promoted", "not_due"):
+                failures, delay = 0, result.next_at - self.clock()
+            else:
+                delay = self.renewal_backoff.delay(failures, result.retry_after)
+                failures += 1
+            await self.sleep(min(max(delay, 0.0), MAX_SLEEP))
+        return list(self.renewals)

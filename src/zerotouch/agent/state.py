@@ -11,6 +11,17 @@ Layout of a device data directory:
   channel.secret        channel secret (0600, onboarding)
   state.json            phase and what the agent needs to reach the terminus; written last,
                         so it is the commit point of an onboarding
+
+With short-lived operational certificates (bundle setting `est_operational`, see renewal.py):
+  operational.key / .pem        operational key (0600) and certificate over EST, used for the
+                                terminus instead of the LDevID
+  operational.new.key / .csr    key and CSR of an enrollment in flight (kept across a 202)
+  operational.new.pem           enrolled, not yet proven at the terminus
+  operational.prev.key / .pem   the pair before the last renewal
+state.json then also records `operational` (on/off, from the bundle), `operational_not_after`
+and `renew_at` (epoch seconds; renew_at carries this device's jitter). The certificate files
+are the truth: a state.json that describes another certificate is recomputed from them.
+Older state.json files without these fields load with operational certificates off.
 """
 from __future__ import annotations
 
@@ -32,6 +43,10 @@ class AgentState:
     topic_prefix: str | None = None
     onboarded_at: float | None = None
     onboarding_ms: float | None = None
+    operational: bool = False                 # enroll/renew operational certificates over EST
+    operational_not_after: float | None = None
+    renew_at: float | None = None
+    operational_renewed_at: float | None = None
 
     @property
     def onboarded(self) -> bool:
