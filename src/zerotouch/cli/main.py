@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .est import add_est_parser
 from .revoke import add_revoke_parser
 from .vault import add_vault_parser
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     gv.add_argument("--dir", required=True, type=Path)
     gv.add_argument("--json", action="store_true")
     add_revoke_parser(gs)
+    add_est_parser(gs)
     g.set_defaults(func=cmd_gateway)
 
     t = sub.add_parser("terminus", help="the owner's MQTT broker (Mosquitto)")

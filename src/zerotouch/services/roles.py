@@ -20,6 +20,7 @@ from ..pki.keys import (cert_pem, generate_p256, load_cert, load_private_key, pu
 from ..protocol.cose import SoftwareSigner
 from ..storage import open_store
 from ..util.files import atomic_write, atomic_write_json, read_json
+from .est import EstPolicy, EstService
 from .gateway import GatewayConfig, GatewayService
 from .manufacturer import RendezvousInfo
 from .rendezvous import RendezvousConfig, RendezvousService
@@ -174,6 +175,7 @@ class RunningGateway:
     directory: Path
     reporter: object = None
     remote_vault: object = None  # a RemoteVault build_gateway opened (and so closes)
+    est: EstService | None = None
 
     async def close(self) -> None:
         if self.reporter is not None:
@@ -201,10 +203,13 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     if cfg.get("rendezvous_url"):
         from ..transport.http.client import RendezvousReporter
         notifier = RendezvousReporter(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
+    cas = _read_pems(cfg["manufacturer_cas"])
     service = GatewayService(store, vault, GatewayConfig(
-        manufacturer_cas=_read_pems(cfg["manufacturer_cas"]), terminus_host=cfg["terminus_host"],
+        manufacturer_cas=cas, terminus_host=cfg["terminus_host"],
         terminus_port=cfg["terminus_port"]), notify_rendezvous=notifier)
-    return RunningGateway(service, store, cfg, d, notifier, remote)
+    # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
+    est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
+    return RunningGateway(service, store, cfg, d, notifier, remote, est)
 
 
 __all__ = ["init_rendezvous", "build_rendezvous", "init_gateway", "build_gateway", "owner_ca",

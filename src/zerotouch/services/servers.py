@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..storage import open_store
 from ..transport.http.common import server_ssl_context
+from ..transport.http.est_app import est_server_ssl_context
 from ..transport.http.gateway_app import gateway_app
 from ..transport.http.rendezvous_app import rendezvous_app
 from ..transport.http.server import serve_forever
@@ -31,9 +32,15 @@ async def serve_rendezvous(directory: Path, *, port: int | None = None, on_ready
 async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=None) -> None:
     gw = await build_gateway(directory)
     d = Path(directory)
-    app = gateway_app(gw.service, admin_token=gw.admin_token)
-    ctx = server_ssl_context(d / "tls.pem", d / "tls.key")
     try:
+        from .revocation import RevocationService
+        app = gateway_app(gw.service, admin_token=gw.admin_token, est_service=gw.est,
+                          trusted_proxies=gw.est.policy.trusted_proxies,
+                          revocation=RevocationService(gw.store, gw.service.vault))
+        # EST clients authenticate with an IDevID (manufacturer CAs) or an owner-issued
+        # certificate; the certificate stays optional for devices onboarding over CBOR.
+        ctx = est_server_ssl_context(d / "tls.pem", d / "tls.key",
+                                     [await gw.est.owner_ca(), *gw.est.manufacturer_cas])
         await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready)
     finally:
         await gw.close()

@@ -1,9 +1,10 @@
-"""HTTP adapter of the owner gateway: device onboarding (CBOR) and inventory admin (JSON/CSV)."""
+"""HTTP adapter of the owner gateway: device onboarding (CBOR), inventory admin (JSON/CSV), EST."""
 from __future__ import annotations
 
 import hmac
 import json
 from dataclasses import asdict
+from typing import Sequence
 
 from aiohttp import web
 
@@ -21,8 +22,17 @@ def _inv(rec) -> dict:
     return d
 
 
-def gateway_app(service: GatewayService, *, admin_token: str) -> web.Application:
+def gateway_app(service: GatewayService, *, admin_token: str, est_service=None,
+                trusted_proxies: Sequence[str] = (), revocation=None) -> web.Application:
+    """`est_service`: also serve EST at /.well-known/est/ (`trusted_proxies` may forward a
+    client certificate in a header); `revocation`: also serve the CRL at /crl."""
     app = make_app()
+    if est_service is not None:
+        from .est_app import add_est_routes
+        add_est_routes(app, est_service, trusted_proxies=list(trusted_proxies))
+    if revocation is not None:
+        from .crl_app import add_crl_routes
+        add_crl_routes(app, revocation)
 
     def require_admin(request: web.Request) -> None:
         auth = request.headers.get("Authorization", "")
