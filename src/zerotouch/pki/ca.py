@@ -6,6 +6,7 @@ and the rendezvous TLS certificate.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -152,18 +153,37 @@ def public_key_of(cert: x509.Certificate):
         raise MalformedMessage("certificate key does not parse or is not supported") from None
 
 
+@functools.lru_cache(maxsize=32)
+def _client_verifier(anchors: tuple[x509.Certificate, ...], at_second: int):
+    """Building a verifier costs as much as using it: share one per trust store and second."""
+    from cryptography.x509.verification import PolicyBuilder, Store
+    return (PolicyBuilder().store(Store(list(anchors)))
+            .time(dt.datetime.fromtimestamp(at_second, dt.timezone.utc)).build_client_verifier())
+
+
+@functools.lru_cache(maxsize=256)
+def csr_signature_valid(csr_der: bytes) -> bool:
+    """Proof of possession of a CSR's key; remembered, since the EST policy and the vault in the
+    same process both check the same request."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        return x509.load_der_x509_csr(csr_der).is_signature_valid
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+
+
 def verify_device_chain(leaf: x509.Certificate, anchors: list[x509.Certificate],
                         now: dt.datetime | None = None) -> None:
     """Check that `leaf` is a valid client certificate issued by one of `anchors`.
 
     Uses cryptography's RFC 5280 path validation (signature, validity, CA constraints).
     """
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+    from cryptography.x509.verification import VerificationError
 
     if not anchors:
         raise NotAuthorized("no trusted manufacturer CA is configured")
-    verifier = (PolicyBuilder().store(Store(anchors)).time(now or _now())
-                .build_client_verifier())
+    when = now or _now()
+    verifier = _client_verifier(tuple(anchors), int(when.timestamp()))
     try:
         verifier.verify(leaf, [])
     except VerificationError as exc:

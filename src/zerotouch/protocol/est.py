@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+
+from ..pki.ca import csr_signature_valid
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
@@ -270,11 +272,7 @@ class EnrollmentPolicy:
         except (ValueError, UnsupportedAlgorithm):
             raise MalformedMessage("body is not a DER PKCS#10 CSR with a supported key") from None
         self.check_key(pub)
-        try:
-            valid = csr.is_signature_valid
-        except (ValueError, UnsupportedAlgorithm):
-            valid = False
-        if not valid:
+        if not csr_signature_valid(csr_der):
             raise MalformedMessage("CSR signature does not verify: no proof of possession of its key")
         try:
             exts = csr.extensions

@@ -29,7 +29,8 @@ async def serve_rendezvous(directory: Path, *, port: int | None = None, on_ready
         await rv.store.close()
 
 
-async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=None) -> None:
+async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=None,
+                        reuse_port: bool = False) -> None:
     gw = await build_gateway(directory)
     d = Path(directory)
     try:
@@ -41,7 +42,8 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
         # certificate; the certificate stays optional for devices onboarding over CBOR.
         ctx = est_server_ssl_context(d / "tls.pem", d / "tls.key",
                                      [await gw.est.owner_ca(), *gw.est.manufacturer_cas])
-        await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready)
+        await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready,
+                            reuse_port=reuse_port)
     finally:
         await gw.close()
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..pki.ca import CertificateAuthority, make_crl, make_root
+from ..pki.ca import CertificateAuthority, csr_signature_valid, make_crl, make_root
 from ..pki.keys import (cert_der, generate_p256, load_cert, load_private_key, save_cert,
                         save_private_key, spki_fingerprint)
 from ..protocol import cose
@@ -104,7 +104,7 @@ def check_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
     from cryptography.hazmat.primitives.asymmetric import ec
     try:
         pub = csr.public_key()
-        valid = csr.is_signature_valid
+        valid = csr_signature_valid(csr_der)
     except (ValueError, UnsupportedAlgorithm):
         raise MalformedMessage("CSR key does not parse or is not supported") from None
     if not valid:
