@@ -54,3 +54,20 @@ def test_demo_cli_json_summary_is_the_last_line(tmp_path, mosquitto):
         assert (d / "ldevid.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
         assert "PRIVATE KEY" in (d / "ldevid.key").read_text()
         assert (d / "owner-ca.pem").exists()
+
+
+async def test_demo_with_operational_certificates_over_est(tmp_path, mosquitto):
+    """Devices enroll a short-lived operational certificate over EST (authenticated by their
+    LDevID) through the gateway replicas, and the terminus hears them on it."""
+    opts = DemoOptions(devices=3, state_dir=tmp_path / "demo", concurrency=3, telemetry=1,
+                       gateways=2, operational=True)
+    result = await run_demo(opts, Console(file=open(os.devnull, "w")))
+    assert result.failed == 0 and result.operational_devices == 3
+    assert result.telemetry_devices == 3
+    from cryptography import x509
+    for d in (tmp_path / "demo" / "factory" / "devices").iterdir():
+        op = x509.load_pem_x509_certificate((d / "operational.pem").read_bytes())
+        ld = x509.load_pem_x509_certificate((d / "ldevid.pem").read_bytes())
+        assert op.serial_number != ld.serial_number and op.subject == ld.subject
+        hours = (op.not_valid_after_utc - op.not_valid_before_utc).total_seconds() / 3600
+        assert hours <= 24.5   # short-lived (24 h + the 5 min back-dating)

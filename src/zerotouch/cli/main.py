@@ -74,7 +74,8 @@ def cmd_gateway(args) -> int:
         cfg = roles.init_gateway(args.dir, host=args.host, port=args.port,
                                  manufacturer_cas=args.manufacturer_ca, terminus_host=args.terminus_host,
                                  terminus_port=args.terminus_port, rendezvous_info=args.rendezvous_info,
-                                 db=args.db, public_host=args.public_host)
+                                 db=args.db, public_host=args.public_host,
+                                 bundle_settings={"est_operational": True} if args.operational_certs else None)
         print(f"gateway initialised in {args.dir}\n  url: {cfg['url']}\n"
               f"  owner key fingerprint: {cfg['owner_fingerprint']}")
         return 0
@@ -98,9 +99,14 @@ def cmd_terminus(args) -> int:
 
 def cmd_agent(args) -> int:
     from ..agent.runtime import Agent
-    report = asyncio.run(Agent(args.device_dir, max_attempts=args.max_attempts,
-                               deadline_s=args.deadline).run(telemetry=args.telemetry))
-    print(json.dumps(report.__dict__, indent=2))
+    agent = Agent(args.device_dir, max_attempts=args.max_attempts, deadline_s=args.deadline)
+    report = asyncio.run(agent.run(telemetry=args.telemetry))
+    print(json.dumps(report.__dict__, indent=2), flush=True)
+    if args.maintain and report.onboarded and not report.error:
+        try:  # renew the operational certificate at its due time, until stopped
+            asyncio.run(agent.maintain())
+        except KeyboardInterrupt:
+            pass
     return 0 if report.onboarded and not report.error else 1
 
 
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("--terminus-port", type=int, default=8883)
     gi.add_argument("--rendezvous-info", help="rendezvous public.json (to report devices as registered)")
     gi.add_argument("--db")
+    gi.add_argument("--operational-certs", action="store_true",
+                    help="devices enroll short-lived operational certificates over EST (label "
+                         "'operational') and use them at the terminus")
     gsv = gs.add_parser("serve")
     gsv.add_argument("--dir", required=True, type=Path)
     gsv.add_argument("--port", type=int, help="override the configured port (run several replicas)")
@@ -220,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--telemetry", type=int, default=3, help="telemetry messages to publish")
     ar.add_argument("--max-attempts", type=int, default=None)
     ar.add_argument("--deadline", type=float, default=None, help="give up after this many seconds")
+    ar.add_argument("--maintain", action="store_true",
+                    help="keep running and renew the operational certificate when due")
     a.set_defaults(func=cmd_agent)
 
     i = sub.add_parser("introducer", help="claim devices for an owner")
@@ -256,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gateways", type=int, default=2, help="gateway processes on one database")
     d.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     d.add_argument("--serve", action="store_true", help="keep every role running afterwards")
+    d.add_argument("--operational", action="store_true",
+                   help="devices also enroll a 24 h operational certificate over EST and use it")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -45,6 +45,7 @@ class DemoOptions:
     gateways: int = 2
     json: bool = False
     serve: bool = False
+    operational: bool = False
 
 
 @dataclass
@@ -66,11 +67,12 @@ class DemoResult:
     terminus: str
     state_dir: str
     concurrency: int = 0
+    operational_devices: int = 0
     reports: list[AgentReport] = field(default_factory=list)
 
     def summary(self) -> dict:
         keys = ("devices", "onboarded", "failed", "p50_ms", "p95_ms", "max_ms", "wall_s",
-                "onboarding_s", "throughput_per_s", "concurrency",
+                "onboarding_s", "throughput_per_s", "concurrency", "operational_devices",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
                 "db", "terminus", "state_dir")
         return {k: getattr(self, k) for k in keys}
@@ -154,7 +156,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         info = init_rendezvous(root / "rendezvous", host=HOST, port=rv_port, manufacturer_cas=[ca_file], db=rv_db)
         gw_cfg = init_gateway(root / "gateway", host=HOST, port=gw_port, manufacturer_cas=[ca_file],
                               terminus_host=HOST, terminus_port=term_port,
-                              rendezvous_info=str(root / "rendezvous" / "public.json"), db=gw_db)
+                              rendezvous_info=str(root / "rendezvous" / "public.json"), db=gw_db,
+                              bundle_settings={"est_operational": True} if opts.operational else None)
 
         console.print(f"[bold]state[/bold] {root}")
         terminus_desc = "none"
@@ -244,6 +247,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             onboarding_s=round(onboarding_s, 2),
             throughput_per_s=round(len(times) / onboarding_s, 1) if onboarding_s > 0 else None,
             concurrency=opts.concurrency,
+            operational_devices=sum(1 for r in reports if r.operational == "promoted"),
             telemetry_devices=sum(1 for s in onboarded_serials if counts.get(s)),
             telemetry_messages=sum(counts.get(s, 0) for s in onboarded_serials),
             gateway_replicas=len(replica_ports), gateway_connections=list(balancer.connections.values()),
@@ -313,6 +317,7 @@ def print_summary(result: DemoResult, console: Console) -> None:
             ("onboarding p50 / p95 / max (ms)", f"{result.p50_ms} / {result.p95_ms} / {result.max_ms}"),
             ("devices at once / onboarded per second", f"{result.concurrency} / {result.throughput_per_s}"),
             ("telemetry: devices heard / messages", f"{result.telemetry_devices} / {result.telemetry_messages}"),
+            ("devices on an operational certificate (EST)", result.operational_devices),
             ("gateway replicas (connections each)", f"{result.gateway_replicas} ({result.gateway_connections})"),
             ("database", result.db), ("terminus", result.terminus), ("wall time (s)", result.wall_s)]
     for k, v in rows:
@@ -323,7 +328,7 @@ def print_summary(result: DemoResult, console: Console) -> None:
 def run_demo_cli(args) -> int:
     opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
-                       json=args.json, serve=args.serve)
+                       json=args.json, serve=args.serve, operational=args.operational)
     if opts.devices < 1:
         print("--devices must be at least 1", file=sys.stderr)
         return 2

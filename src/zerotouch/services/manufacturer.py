@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 import segno
 
 from ..identity import identity_factory
-from ..pki.ca import DEVICE_URN_PREFIX, CertificateAuthority, make_root
+from ..identity.software import IDEVID_KEY
+from ..pki.ca import DEVICE_URN_PREFIX, CertificateAuthority, device_identity, make_root
 from ..pki.keys import (cert_der, cert_pem, generate_p256, load_cert, load_private_key,
-                        save_cert, save_private_key)
+                        public_key_der, save_cert, save_private_key)
 from ..protocol import cose
 from ..protocol.messages import RvRegister
 from ..protocol.proofs import otp_hash
@@ -73,8 +81,10 @@ class Manufacturer:
             if devid != "00000000" and not (devices_dir / devid).exists():
                 return devid
 
-    def make_device(self, out_dir: Path, rendezvous: RendezvousInfo, *,
-                    identity: str = "software") -> MadeDevice:
+    def make_device(self, out_dir: Path, rendezvous: RendezvousInfo, *, identity: str = "software",
+                    idevid_via: Callable[[bytes], x509.Certificate] | None = None) -> MadeDevice:
+        """`idevid_via(csr_der) -> IDevID`: certify the device key elsewhere (the factory EST
+        service, `factory_est.idevid_via_est`) instead of with the in-process CA."""
         out_dir = Path(out_dir)
         devices_dir = out_dir / "devices"
         devices_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +94,14 @@ class Manufacturer:
         device_dir.mkdir(mode=0o700)
         backend = identity_factory(identity)
         public_key = backend.provision(device_dir)
-        idevid = self.ca.issue_device(public_key, serial=serial, urn=urn, org=self.name)
+        if idevid_via is None:
+            idevid = self.ca.issue_device(public_key, serial=serial, urn=urn, org=self.name)
+        else:
+            try:
+                idevid = self._idevid_from(idevid_via, backend, device_dir, public_key, serial, urn)
+            except BaseException:
+                shutil.rmtree(device_dir)   # no half-made device without an IDevID
+                raise
         backend.store_idevid(device_dir, cert_pem(idevid))
         n_device = os.urandom(8)  # 64 random bits: the OTP printed on the label
         atomic_write(device_dir / SECRET_FILE, n_device.hex().encode(), mode=0o600)
@@ -101,6 +118,29 @@ class Manufacturer:
                          otp_hash=otp_hash(n_device, salt))
         signed = cose.sign1(reg.encode(), cose.SoftwareSigner(self.ca.key), x5chain=[cert_der(self.ca.cert)])
         return MadeDevice(serial=serial, urn=urn, device_dir=device_dir, label=label, registration=signed)
+
+    def _idevid_from(self, via, backend, device_dir: Path, public_key, serial: str,
+                     urn: str) -> x509.Certificate:
+        # Only the CSR leaves the device directory (or, with a TPM backend, the TPM).
+        make_csr = getattr(backend, "idevid_csr", None)
+        csr = make_csr(device_dir, serial, urn) if make_csr else _software_idevid_csr(device_dir, serial)
+        idevid = via(csr)
+        # The registration below vouches for this certificate: check it is what we asked for.
+        if public_key_der(idevid.public_key()) != public_key_der(public_key):
+            raise ValueError("the IDevID returned for the device certifies another key")
+        idevid.verify_directly_issued_by(self.ca.cert)
+        if device_identity(idevid) != (serial, urn):
+            raise ValueError(f"the IDevID returned for device {serial} names another device")
+        return idevid
+
+
+def _software_idevid_csr(device_dir: Path, serial: str) -> bytes:
+    """A CSR signed by the IDevID key in the device directory, naming the device serial."""
+    key = load_private_key(Path(device_dir) / IDEVID_KEY)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial),
+                      x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(Encoding.DER)
 
 
 def write_label(label: Label, labels_dir: Path) -> dict[str, Path]:

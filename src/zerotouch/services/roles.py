@@ -93,7 +93,8 @@ async def build_rendezvous(directory: Path) -> RunningRendezvous:
 def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: list[str],
                  terminus_host: str = "127.0.0.1", terminus_port: int = 8883,
                  rendezvous_info: str | None = None, db: str | None = None,
-                 public_host: str | None = None, owner_name: str = "zerotouch owner") -> dict:
+                 public_host: str | None = None, owner_name: str = "zerotouch owner",
+                 bundle_settings: dict | None = None) -> dict:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -114,6 +115,8 @@ def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: lis
            "terminus_host": terminus_host, "terminus_port": terminus_port,
            "rendezvous_url": rv.url if rv else None, "rendezvous_tls_ca_pem": rv.tls_ca_pem if rv else None,
            "owner_fingerprint": LocalVault.fingerprint_of(ca)}
+    if bundle_settings is not None:
+        cfg["bundle_settings"] = bundle_settings
     if (d / "config.json").exists():
         # Re-running init updates what it sets and keeps the rest (e.g. a separate vault's URL).
         cfg = {**read_json(d / "config.json"), **cfg}
@@ -204,9 +207,11 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
         from ..transport.http.client import RendezvousReporter
         notifier = RendezvousReporter(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
     cas = _read_pems(cfg["manufacturer_cas"])
-    service = GatewayService(store, vault, GatewayConfig(
-        manufacturer_cas=cas, terminus_host=cfg["terminus_host"],
-        terminus_port=cfg["terminus_port"]), notify_rendezvous=notifier)
+    gcfg = GatewayConfig(manufacturer_cas=cas, terminus_host=cfg["terminus_host"],
+                         terminus_port=cfg["terminus_port"])
+    # What the owner tells its devices in the signed bundle (e.g. est_operational).
+    gcfg.settings.update(cfg.get("bundle_settings", {}))
+    service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier)
     # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
     est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
     return RunningGateway(service, store, cfg, d, notifier, remote, est)
