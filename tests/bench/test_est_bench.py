@@ -14,4 +14,4 @@ def test_est_bench_issues_a_recorded_certificate_per_request():
     assert r.est_requests > 0 and r.est_non_2xx == 0
     # every answered request issued a certificate that revocation can find
     assert r.certificates_recorded >= r.est_requests
-    assert r.nginx_rps > 0 and r.ratio > 0
+    assert r.nginx_rps > 0 and r.ratio > 0 and r.proxied_rps > 0

@@ -72,6 +72,65 @@ def run_wrk(url: str, *, seconds: int, connections: int, threads: int = 2, metho
                      errors=errs.group(1) if errs else "", latency_p50_ms=lat, raw=out)
 
 
+def _nginx_conf(d: Path, workers: int, server: str, upstream: str = "") -> str:
+    return textwrap.dedent(f"""
+        worker_processes {workers};
+        daemon off;
+        pid {d}/nginx.pid;
+        error_log {d}/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {d}/body;
+            proxy_temp_path {d}/proxy;
+            fastcgi_temp_path {d}/fastcgi;
+            uwsgi_temp_path {d}/uwsgi;
+            scgi_temp_path {d}/scgi;
+            {upstream}
+            {server}
+        }}
+        """)
+
+
+class NginxProcess:
+    def __init__(self, directory: Path, conf: str):
+        self.dir = Path(directory)
+        self.conf = conf
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        nginx = find_tool("nginx")
+        if nginx is None:
+            raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "nginx.conf").write_text(self.conf)
+        self.proc = subprocess.Popen([nginx, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"nginx did not start: {(self.dir / 'error.log').read_text()[-1000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def nginx_tls_proxy(directory: Path, *, port: int, cert: Path, key: Path, upstream_port: int,
+                    workers: int = 1) -> NginxProcess:
+    """nginx terminating TLS and passing requests to the gateway over kept-alive TLS: the
+    deployment the gateway's trusted-proxy mode is for. In production nginx also verifies the
+    client certificate and sets X-SSL-Client-Cert from $ssl_client_escaped_cert (overwriting
+    whatever a client sent); wrk cannot present one, so here the header comes from wrk."""
+    d = Path(directory)
+    upstream = f"upstream gw {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}"
+    server = (f"server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; "
+              f"ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; "
+              "location / { proxy_pass https://gw; proxy_http_version 1.1; "
+              'proxy_set_header Connection ""; proxy_ssl_session_reuse on; } }')
+    return NginxProcess(d, _nginx_conf(d, workers, server, upstream))
+
+
 class NginxFloor:
     """nginx answering a constant body over the same TLS set-up (certificate, key type, port)."""
 
