@@ -8,11 +8,13 @@ import stat
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from zerotouch.pki.ca import DEVICE_URN_PREFIX, device_identity, verify_device_chain
 from zerotouch.pki.keys import load_cert, load_private_key, public_key_der
 from zerotouch.protocol import est as codec
+from zerotouch.protocol.errors import Conflict
 from zerotouch.protocol.states import DeviceState, InventoryState
 from zerotouch.services.factory_est import (ISSUED_FILE, FactoryEstService, IssuedSerials,
                                             enroll_idevid, idevid_via_est, provisioning_ca)
@@ -30,6 +32,10 @@ async def make_via(fleet, via) -> MadeDevice:
                                  cport=8444, cfingerprint=fleet.owner_fp_hex)
     await fleet.gateway.register_label(dev.label.url, "made on the factory line")
     return dev
+
+
+def station_der(factory) -> bytes:
+    return load_cert(factory.station.cert_file).public_bytes(Encoding.DER)
 
 
 async def test_station_enrolls_an_idevid_over_tls(factory):
@@ -86,19 +92,13 @@ async def test_device_made_with_the_factory_est_onboards_end_to_end(factory, fle
 
 async def test_in_memory_idevid_via_and_default_unchanged(factory, fleet):
     """idevid_via can be any callable (here the service, no sockets); without it, nothing changes."""
-    chain = (load_cert(factory.station.cert_file).public_bytes(codec_der()),)
-    dev = await make_via(fleet, lambda csr: factory.service.issue(csr, chain))
+    dev = await make_via(fleet, lambda csr: factory.service.issue(csr, (station_der(factory),)))
     core = fleet.core(dev)
     await fleet.onboard(core)
     assert core.state is DeviceState.ONBOARDED
     plain = await fleet.make()
     assert factory.service.issued.get(plain.serial) is None     # in-process CA, as before
     assert [r["serial"] for r in factory.service.issued.records()] == [dev.serial]
-
-
-def codec_der():
-    from cryptography.hazmat.primitives.serialization import Encoding
-    return Encoding.DER
 
 
 async def test_a_refused_idevid_leaves_no_half_made_device(factory, fleet):
@@ -115,16 +115,12 @@ async def test_a_refused_idevid_leaves_no_half_made_device(factory, fleet):
     assert not devices.exists() or not any(devices.iterdir())
 
 
-def station_der(factory) -> bytes:
-    return load_cert(factory.station.cert_file).public_bytes(codec_der())
-
-
 def test_issued_record_is_shared_and_survives_a_torn_line(tmp_path):
     path = tmp_path / ISSUED_FILE
     a, b = IssuedSerials(path), IssuedSerials(path)    # two processes on one directory
     a.record("00000001", lambda: (None, {"serial": "00000001", "cert_serial": "1", "station": "s",
                                          "issued_at": 0}))
-    with pytest.raises(Exception) as err:
+    with pytest.raises(Conflict) as err:
         b.record("00000001", lambda: pytest.fail("must not issue twice"))
     assert err.value.status == 409 and "00000001" in err.value.message
     with open(path, "ab") as fh:            # power loss in the middle of an append

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 from .est import add_est_parser
+from .factory import add_factory_parser
 from .revoke import add_revoke_parser
 from .vault import add_vault_parser
 
@@ -42,8 +43,12 @@ def cmd_manufacture(args) -> int:
     if args.rendezvous_info is None:
         print("--rendezvous-info is required to make devices", file=sys.stderr)
         return 2
+    if args.factory_est and not args.station:
+        print("--factory-est needs --station DIR (from `zerotouch factory station`)", file=sys.stderr)
+        return 2
     return asyncio.run(manufacture(args.dir, args.rendezvous_info, count=args.count,
-                                   identity=args.identity, register=not args.no_register))
+                                   identity=args.identity, register=not args.no_register,
+                                   factory_est=args.factory_est, station=args.station))
 
 
 def cmd_rendezvous(args) -> int:
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--name", default="zerotouch manufacturer", help="manufacturer name (new CA only)")
     m.add_argument("--identity", default="software", help="identity backend (software)")
     m.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
+    m.add_argument("--factory-est", metavar="URL",
+                   help="enroll IDevIDs over EST at this factory service (zerotouch factory est-serve)")
+    m.add_argument("--station", type=Path, help="station credential directory (zerotouch factory station)")
     m.set_defaults(func=cmd_manufacture)
 
     r = sub.add_parser("rendezvous", help="the rendezvous service")
@@ -246,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_introducer)
 
     add_vault_parser(sub)
+    add_factory_parser(sub)
     b = sub.add_parser("bench", help="benchmarks with figures in their output")
     bs = b.add_subparsers(dest="action", required=True)
     be = bs.add_parser("est", help="simpleenroll per second vs. an nginx floor (wrk, new TLS "

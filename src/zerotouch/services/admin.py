@@ -38,10 +38,19 @@ def manufacturer_init(directory: Path, name: str = "zerotouch manufacturer") -> 
 
 
 async def manufacture(directory: Path, rendezvous_info: Path, *, count: int, identity: str,
-                      register: bool) -> int:
+                      register: bool, factory_est: str | None = None,
+                      station: Path | None = None) -> int:
     info = RendezvousInfo.load(rendezvous_info)
     factory = Manufacturer(directory)
-    made = [factory.make_device(directory, info, identity=identity) for _ in range(count)]
+    via = None
+    if factory_est:
+        # IDevIDs from the factory's EST service, the station authenticating with its credential;
+        # only each device's CSR leaves its directory.
+        from .factory_est import idevid_via_est
+        st = Path(station)
+        via = idevid_via_est(factory_est, station_cert=st / "station.pem", station_key=st / "station.key",
+                             ca_pem=(st / "manufacturer-ca.pem").read_text())
+    made = [factory.make_device(directory, info, identity=identity, idevid_via=via) for _ in range(count)]
     failed = 0
     if register:
         for dev, (status, body) in zip(made, await register_devices(info, [d.registration for d in made])):

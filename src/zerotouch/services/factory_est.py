@@ -55,6 +55,7 @@ PROV_CA_KEY, PROV_CA_CERT = "provisioning-ca.key", "provisioning-ca.pem"
 ISSUED_FILE = "idevids.jsonl"
 TLS_CERT, TLS_KEY = "factory-est-tls.pem", "factory-est-tls.key"
 STATION_OU = "provisioning station"
+STATION_URN_PREFIX = "urn:zerotouch:station:"
 DEFAULT_PORT = 8445
 _SERIAL = re.compile(r"[0-9a-f]{8}")
 _STATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -94,6 +95,9 @@ def issue_station(manufacturer: Manufacturer, name: str, out_dir: Path, *,
     # _builder: the CA's end-entity basics (not a CA, AKI, SKI, validity), shared with devices
     cert = (ca._builder(subject, key.public_key(), days)
             .add_extension(_CLIENT_KU, critical=True)
+            # a SAN, as RFC 5280 client verification wants one; never a device URN
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                STATION_URN_PREFIX + name)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(ca.key, hashes.SHA256()))
     out = Path(out_dir)
