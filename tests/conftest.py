@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fleet import make_fleet
-from support import IN_CI, PG_URL, drop_pg_schema, make_pg_schema, need, pg_reachable  # noqa: F401
+from support import PG_URL, drop_pg_schema, make_pg_schema, need, pg_reachable  # noqa: F401
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

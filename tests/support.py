@@ -45,3 +45,14 @@ async def drop_pg_schema(name: str) -> None:
         await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
     finally:
         await conn.close()
+
+
+async def sh(script: str, cwd) -> str:
+    """Run a bash pipeline without blocking the event loop a server under test runs on."""
+    import asyncio
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-euo", "pipefail", "-c", script, cwd=str(cwd),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, f"{script}\n--- stderr ---\n{err.decode()}\n{out.decode()}"
+    return out.decode()

@@ -1,21 +1,13 @@
 """Our EST server driven by clients nobody here wrote: curl and openssl, as in RFC 7030's examples."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 
 from zerotouch.pki.keys import load_cert
 from zerotouch.protocol import est as codec
 
 
-async def sh(script: str, cwd) -> str:
-    """Run a bash pipeline without blocking the event loop the server runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-euo", "pipefail", "-c", script, cwd=str(cwd),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, f"{script}\n--- stderr ---\n{err.decode()}\n{out.decode()}"
-    return out.decode()
+from support import sh  # noqa: E402,F401
 
 
 def need_tools() -> None:

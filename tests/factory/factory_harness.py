@@ -1,7 +1,6 @@
 """The factory EST service on real TLS, station credentials, and device CSRs."""
 from __future__ import annotations
 
-import asyncio
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,11 +91,4 @@ async def start_factory_server(manufacturer_dir: Path, tmp: Path) -> FactoryServ
                          url=f"https://{HOST}:{port}", tmp=tmp, runner=runner)
 
 
-async def sh(script: str, cwd: Path) -> str:
-    """A bash pipeline, without blocking the loop the server runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-euo", "pipefail", "-c", script, cwd=str(cwd),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, f"{script}\n--- stderr ---\n{err.decode()}\n{out.decode()}"
-    return out.decode()
+from support import sh  # noqa: E402,F401

@@ -28,7 +28,7 @@ from ..services.manufacturer import Manufacturer, RendezvousInfo
 from ..services.roles import build_gateway, init_gateway
 from ..util.files import atomic_write_json
 from ..util.net import free_port, wait_for_port
-from .loadgen import NginxFloor, nginx_tls_proxy, run_wrk
+from .loadgen import nginx_floor, nginx_tls_proxy, run_wrk
 
 
 @dataclass
@@ -136,8 +136,8 @@ def run_est_bench(*, seconds: int = 10, connections: int = 32, processes: int = 
     # The floor: nginx with the same certificate and key, a constant body of the same size.
     sample = encode_body(certs_only([x509.load_pem_x509_certificate(
         (root / "gw" / "tls.pem").read_bytes())])).decode().replace("\n", "")
-    floor = NginxFloor(root / "nginx", port=free_port(), cert=root / "gw" / "tls.pem",
-                       key=root / "gw" / "tls.key", body=sample, workers=processes)
+    floor = nginx_floor(root / "nginx", port=free_port(), cert=root / "gw" / "tls.pem",
+                        key=root / "gw" / "tls.key", body=sample, workers=processes)
     floor.start()
     try:
         ng = run_wrk(f"https://127.0.0.1:{floor.port}/", seconds=seconds, connections=connections,

@@ -97,6 +97,7 @@ class NginxProcess:
         self.dir = Path(directory)
         self.conf = conf
         self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
 
     def start(self) -> None:
         nginx = find_tool("nginx")
@@ -131,52 +132,13 @@ def nginx_tls_proxy(directory: Path, *, port: int, cert: Path, key: Path, upstre
     return NginxProcess(d, _nginx_conf(d, workers, server, upstream))
 
 
-class NginxFloor:
+def nginx_floor(directory: Path, *, port: int, cert: Path, key: Path, body: str,
+                workers: int = 2) -> NginxProcess:
     """nginx answering a constant body over the same TLS set-up (certificate, key type, port)."""
-
-    def __init__(self, directory: Path, *, port: int, cert: Path, key: Path, body: str, workers: int = 2):
-        self.dir = Path(directory)
-        self.port, self.cert, self.key, self.body, self.workers = port, cert, key, body, workers
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        nginx = find_tool("nginx")
-        if nginx is None:
-            raise RuntimeError("nginx is not installed: apt-get install nginx-light")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        conf = self.dir / "nginx.conf"
-        conf.write_text(textwrap.dedent(f"""
-            worker_processes {self.workers};
-            daemon off;
-            pid {self.dir}/nginx.pid;
-            error_log {self.dir}/error.log warn;
-            events {{ worker_connections 4096; }}
-            http {{
-                access_log off;
-                client_body_temp_path {self.dir}/body;
-                proxy_temp_path {self.dir}/proxy;
-                fastcgi_temp_path {self.dir}/fastcgi;
-                uwsgi_temp_path {self.dir}/uwsgi;
-                scgi_temp_path {self.dir}/scgi;
-                server {{
-                    listen 127.0.0.1:{self.port} ssl;
-                    ssl_certificate {self.cert};
-                    ssl_certificate_key {self.key};
-                    ssl_protocols TLSv1.2 TLSv1.3;
-                    location / {{
-                        default_type application/pkcs7-mime;
-                        return 200 "{self.body}";
-                    }}
-                }}
-            }}
-            """))
-        self.proc = subprocess.Popen([find_tool("nginx"), "-c", str(conf), "-p", str(self.dir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"nginx did not start: {(self.dir / 'error.log').read_text()[-1000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+    d = Path(directory)
+    server = (f"server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; "
+              f"ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; "
+              f'location / {{ default_type application/pkcs7-mime; return 200 "{body}"; }} }}')
+    proc = NginxProcess(d, _nginx_conf(d, workers, server))
+    proc.port = port
+    return proc
