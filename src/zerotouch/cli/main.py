@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .box import add_box_parser
 from .est import add_est_parser
 from .factory import add_factory_parser
 from .revoke import add_revoke_parser
@@ -94,6 +95,9 @@ def cmd_gateway(args) -> int:
         return asyncio.run(admin.gateway_register(args.dir, args.label_url, args.csv, args.description))
     if args.action == "inventory":
         return asyncio.run(admin.gateway_inventory(args.dir, args.json))
+    if args.action == "status":
+        from ..services.gateway import gateway_status
+        return asyncio.run(gateway_status(args.dir, args.json))
     return 2
 
 
@@ -116,7 +120,19 @@ def cmd_agent(args) -> int:
 
 
 def cmd_introducer(args) -> int:
-    from ..introducer.claim import ClaimRefused, Owner, claim_device
+    from ..introducer.claim import Owner, claim_device, label_status, resolve_label
+    from ..protocol.errors import ProtocolError
+    if args.action == "status":
+        ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
+        try:
+            st = asyncio.run(label_status(resolve_label(args.label), rendezvous_ca_pem=ca))
+        except ProtocolError as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+        print(json.dumps(st, indent=2))
+        if st.get("status") != "not_mapped":
+            print("WARNING: this OTP was already used: the device is claimed.", file=sys.stderr)
+        return 0
     gw_cfg, token, gw_ca = {}, None, None
     if args.gateway_dir:
         gw_cfg = json.loads((args.gateway_dir / "config.json").read_text())
@@ -130,7 +146,7 @@ def cmd_introducer(args) -> int:
     try:
         result = asyncio.run(claim_device(args.label, owner, rendezvous_ca_pem=ca,
                                           description=args.description))
-    except ClaimRefused as exc:
+    except ProtocolError as exc:  # refused claims, unreadable photos
         print(exc.message, file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
@@ -220,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     gv.add_argument("--dir", required=True, type=Path)
     gv.add_argument("--json", action="store_true")
     add_revoke_parser(gs)
+    gst = gs.add_parser("status", help="ask the rendezvous about devices not heard from")
+    gst.add_argument("--dir", required=True, type=Path)
+    gst.add_argument("--json", action="store_true")
     add_est_parser(gs)
     g.set_defaults(func=cmd_gateway)
 
@@ -244,17 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("introducer", help="claim devices for an owner")
     is_ = i.add_subparsers(dest="action", required=True)
     ic = is_.add_parser("claim")
-    ic.add_argument("label", help="label URL (https://<rendezvous>/.well-known/tte?otp=..&devid=..)")
+    ic.add_argument("label", help="label URL (https://<rendezvous>/.well-known/tte?otp=..&devid=..), "
+                                  "or a photo (PNG/JPEG) of its QR code")
     ic.add_argument("--gateway-dir", type=Path, help="owner gateway dir: address, fingerprint, admin token")
     ic.add_argument("--owner-address", help="cip: the owner gateway's host")
     ic.add_argument("--owner-port", type=int, help="cport")
     ic.add_argument("--owner-fingerprint", help="cfingerprint: SHA-256 of the owner key (hex)")
     ic.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
     ic.add_argument("--description", default="")
+    ist = is_.add_parser("status", help="a label's status at its rendezvous")
+    ist.add_argument("label", help="label URL or photo")
+    ist.add_argument("--rendezvous-ca", type=Path)
     i.set_defaults(func=cmd_introducer)
 
     add_vault_parser(sub)
     add_factory_parser(sub)
+    add_box_parser(sub)
     b = sub.add_parser("bench", help="benchmarks with figures in their output")
     bs = b.add_subparsers(dest="action", required=True)
     be = bs.add_parser("est", help="simpleenroll per second vs. an nginx floor (wrk, new TLS "

@@ -9,8 +9,10 @@ import csv
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -20,7 +22,7 @@ from cryptography import x509
 from ..pki.ca import device_identity
 from ..pki.keys import cert_fingerprint
 from ..protocol.errors import (BadSignature, Conflict, MalformedMessage, NotAuthorized, NotFound,
-                               ProtocolError, StaleMessage)
+                               ProtocolError, StaleMessage, TryLater)
 from ..protocol.messages import (Bundle, Challenge, Credentials, Done, DoneAck, Hello, Prove,
                                  RvRegistered)
 from ..protocol.states import SESSION_TRANSITIONS, InventoryState, SessionState
@@ -32,6 +34,9 @@ from .vault import Vault, check_csr
 
 log = logging.getLogger(__name__)
 MAX_CSV_ROWS = 100_000
+ADMISSION_POLICIES = ("introduced", "any")
+STATUS_QUERY_TYPE = "zt-rv-status-query/1"   # the rendezvous' owner status query (messages 7/8)
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 @dataclass
@@ -45,28 +50,90 @@ class GatewayConfig:
     settings: dict = field(default_factory=lambda: {"telemetry_interval_s": 60})
     clock: Callable[[], float] = time.time
     rng: Callable[[int], bytes] = os.urandom
+    # config.json "admission": "introduced" (only devices in the inventory: from a label, a
+    # CSV or an introducer's notice) or "any" (see GatewayService.hello).
+    admission: str = "introduced"
 
 
 Notifier = Callable[[bytes], Awaitable[None]]
+StatusQuery = Callable[[bytes], Awaitable[dict]]   # signed query -> the rendezvous' JSON answer
+
+
+def rendezvous_status_client(rendezvous_url: str, ca_pem: str | None) -> StatusQuery:
+    """Sends a signed owner status query to the rendezvous (POST /rv/v1/status)."""
+    async def query(body: bytes) -> dict:
+        from ..transport.http.client import post_cbor
+        status, raw = await post_cbor(f"{rendezvous_url}/rv/v1/status", body, ca_pem=ca_pem)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if status != 200 or not isinstance(data, dict):
+            msg = data.get("message") if isinstance(data, dict) else raw[:200].decode("utf-8", "replace")
+            raise ProtocolError(f"rendezvous refused the status query: HTTP {status} {msg}",
+                                status=502, code="rendezvous")
+        return data
+    return query
 
 
 class GatewayService:
     def __init__(self, store: Store, vault: Vault, config: GatewayConfig,
-                 notify_rendezvous: Notifier | None = None):
+                 notify_rendezvous: Notifier | None = None,
+                 query_rendezvous: StatusQuery | None = None):
+        if config.admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, not {config.admission!r}")
         self.store = store
         self.vault = vault
         self.cfg = config
         self.notify_rendezvous = notify_rendezvous
+        self.query_rendezvous = query_rendezvous
 
     # --- inventory ----------------------------------------------------------------------
     async def register_label(self, label_url: str, description: str = "") -> InventoryRecord:
         label = parse_label(label_url)
         return await self._register(label.devid, label.otp_bytes, description)
 
-    async def _register(self, serial: str, n_device: bytes, description: str) -> InventoryRecord:
+    async def notice(self, data: dict) -> InventoryRecord:
+        """Message 6, the introducer's controller notice: `{urn, fingerprint, otp, devid,
+        description}` or `{label_url, description}`. The OTP is N_device, so the device is
+        registered exactly as from its label; the IDevID fingerprint, when given, is kept and
+        a device presenting another certificate is refused at hello."""
+        if not isinstance(data, dict):
+            raise MalformedMessage("notice must be a JSON object")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise MalformedMessage("description must be a string")
+        fp = None
+        if data.get("label_url") is not None:
+            if not isinstance(data["label_url"], str):
+                raise MalformedMessage("label_url must be a string")
+            label = parse_label(data["label_url"])
+            serial, otp = label.devid, label.otp_bytes
+        else:
+            devid, otp_hex = data.get("devid"), data.get("otp")
+            if not isinstance(devid, str) or len(devid) != 8 or not _HEX.fullmatch(devid.lower()):
+                raise MalformedMessage("notice needs devid (8 hex digits) or a label_url")
+            if not isinstance(otp_hex, str) or len(otp_hex) != 16 or not _HEX.fullmatch(otp_hex.lower()):
+                raise MalformedMessage("notice needs otp (16 hex digits) or a label_url")
+            serial, otp = devid.lower(), bytes.fromhex(otp_hex)
+        if data.get("fingerprint") is not None:
+            f = data["fingerprint"]
+            f = f.replace(":", "").lower() if isinstance(f, str) else ""
+            if len(f) != 64 or not _HEX.fullmatch(f):
+                raise MalformedMessage("fingerprint must be the 64-hex-digit SHA-256 of the IDevID")
+            fp = bytes.fromhex(f)
+        urn = data.get("urn")
+        if urn is not None and (not isinstance(urn, str) or len(urn) > 256
+                                or not urn.lower().endswith(serial)):
+            raise MalformedMessage(f"urn does not name device {serial}")
+        return await self._register(serial, otp, description, idevid_fp=fp)
+
+    async def _register(self, serial: str, n_device: bytes, description: str,
+                        idevid_fp: bytes | None = None) -> InventoryRecord:
         if len(description) > 256:
             raise MalformedMessage("description is longer than 256 characters")
-        rec = InventoryRecord(serial=serial, description=description, created_at=self.cfg.clock())
+        rec = InventoryRecord(serial=serial, description=description, idevid_fp=idevid_fp,
+                              created_at=self.cfg.clock())
         # The row first: whoever loses a race gets Conflict before touching the vault, so a
         # second registration can never overwrite the N_device of the first.
         if not await self.store.inventory.add(rec):
@@ -114,6 +181,50 @@ class GatewayService:
             raise
         return done
 
+    # --- status at the rendezvous (messages 7/8) -------------------------------------------
+    async def query_statuses(self, serials: list[str] | None = None) -> list[dict]:
+        """Ask the rendezvous for the status of devices the gateway has not heard from
+        (default: every inventory device not onboarded or revoked). The query is signed with
+        the owner key; the rendezvous answers only for devices mapped to that key (others come
+        back "unknown"). The answer is recorded in the device's last_error column (no status
+        column exists) unless that holds a real error, and returned."""
+        if self.query_rendezvous is None:
+            raise ProtocolError("no rendezvous is configured for this gateway", status=503,
+                                code="no_rendezvous")
+        inventory = {r.serial: r for r in await self.store.inventory.list(limit=100_000)}
+        if serials is None:
+            serials = [s for s, r in inventory.items()
+                       if r.state in (InventoryState.EXPECTED, InventoryState.ONBOARDING)]
+        out: list[dict] = []
+        now = self.cfg.clock()
+        for i in range(0, len(serials), 1000):
+            chunk = serials[i:i + 1000]
+            payload = json.dumps({"type": STATUS_QUERY_TYPE, "time": int(now),
+                                  "serials": chunk}).encode()
+            answer = await self.query_rendezvous(await self.vault.sign(payload))
+            found = {d["serial"]: d for d in answer.get("devices", []) if isinstance(d, dict)}
+            for serial in chunk:
+                status = str(found.get(serial, {}).get("status", "unknown"))
+                inv = inventory.get(serial)
+                out.append({"serial": serial, "rendezvous_status": status,
+                            "state": inv.state.value if inv else None,
+                            "description": inv.description if inv else ""})
+                if inv and (inv.last_error is None or inv.last_error.startswith("rendezvous status:")):
+                    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+                    await self.store.inventory.update(
+                        serial, last_error=f"rendezvous status: {status} (asked {stamp})")
+        return out
+
+    async def _mapped_to_us(self, serial: str) -> bool:
+        if self.query_rendezvous is None:
+            return False
+        try:
+            found = await self.query_statuses([serial])
+        except Exception as exc:  # the rendezvous away: refuse as before, the device retries
+            log.info("admission any: status query for %s failed: %s", serial, exc)
+            return False
+        return bool(found) and found[0]["rendezvous_status"] in ("mapped", "registered")
+
     # --- onboarding ---------------------------------------------------------------------
     async def hello(self, body: bytes) -> bytes:
         now = self.cfg.clock()
@@ -122,9 +233,20 @@ class GatewayService:
         not_ours = NotAuthorized("device is not in the owner's inventory", code="not_in_inventory")
         inv = await self.store.inventory.get(msg.serial)
         if inv is None:
+            if self.cfg.admission == "any" and await self._mapped_to_us(msg.serial):
+                # "any device the rendezvous sends": the device is ours by the rendezvous'
+                # mapping, but the owner proof needs N_device (the OTP), which only the label
+                # or the introducer's notice brings. The device waits instead of being refused.
+                raise TryLater("device is mapped to this owner at the rendezvous; it is onboarded "
+                               "once its OTP reaches the gateway (notice or label)",
+                               retry_after=60)
             raise not_ours
         if inv.state is InventoryState.REVOKED:
             raise NotAuthorized("device is revoked by its owner", code="revoked")
+        if inv.idevid_fp and not hmac.compare_digest(inv.idevid_fp, cert_fingerprint(cert)):
+            # the introducer reported another IDevID for this device id (message 6)
+            raise NotAuthorized("device certificate differs from the one the introducer reported",
+                                code="not_in_inventory")
         session, challenge = self.cfg.rng(16), self.cfg.rng(16)
         try:
             proof = await self.vault.owner_proof(msg.serial, msg.nonce)
@@ -200,3 +322,33 @@ class GatewayService:
             except Exception as exc:  # onboarded either way; the device must still get its ack
                 log.warning("could not report %s to the rendezvous: %s", sess.serial, exc)
         return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode())
+
+
+async def gateway_status(directory, as_json: bool = False) -> int:
+    """`zerotouch gateway status --dir DIR`: the rendezvous' status of every device the
+    gateway has not heard from (messages 7/8)."""
+    from pathlib import Path
+    from .roles import build_gateway
+    gw = await build_gateway(Path(directory))
+    try:
+        url = gw.config.get("rendezvous_url")
+        if not url:
+            print("this gateway has no rendezvous configured (gateway init --rendezvous-info)")
+            return 2
+        gw.service.query_rendezvous = rendezvous_status_client(url, gw.config.get("rendezvous_tls_ca_pem"))
+        try:
+            rows = await gw.service.query_statuses()
+        except ProtocolError as exc:
+            print(f"refused: {exc.message}")
+            return 1
+    finally:
+        await gw.close()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("every device in the inventory has reached the gateway (or is revoked)")
+    else:
+        print(f"{'serial':10} {'inventory':11} {'rendezvous':11} description")
+        for r in rows:
+            print(f"{r['serial']:10} {r['state'] or '-':11} {r['rendezvous_status']:11} {r['description']}")
+    return 0

@@ -82,13 +82,20 @@ class Manufacturer:
                 return devid
 
     def make_device(self, out_dir: Path, rendezvous: RendezvousInfo, *, identity: str = "software",
-                    idevid_via: Callable[[bytes], x509.Certificate] | None = None) -> MadeDevice:
+                    idevid_via: Callable[[bytes], x509.Certificate] | None = None,
+                    devid: str | None = None, otp: bytes | None = None) -> MadeDevice:
         """`idevid_via(csr_der) -> IDevID`: certify the device key elsewhere (the factory EST
-        service, `factory_est.idevid_via_est`) instead of with the in-process CA."""
+        service, `factory_est.idevid_via_est`) instead of with the in-process CA.
+        `devid` / `otp`: a chosen Device ID and 8-byte OTP (a bulk box derives them); by
+        default both are random."""
         out_dir = Path(out_dir)
         devices_dir = out_dir / "devices"
         devices_dir.mkdir(parents=True, exist_ok=True)
-        serial = self._new_devid(devices_dir)
+        if otp is not None and len(otp) != 8:
+            raise ValueError("otp must be 8 bytes")
+        if devid is not None and not _is_devid(devid):
+            raise ValueError("devid must be 8 lowercase hex digits, not 00000000")
+        serial = devid if devid is not None else self._new_devid(devices_dir)
         urn = f"{DEVICE_URN_PREFIX}{serial}"
         device_dir = devices_dir / serial
         device_dir.mkdir(mode=0o700)
@@ -103,7 +110,7 @@ class Manufacturer:
                 shutil.rmtree(device_dir)   # no half-made device without an IDevID
                 raise
         backend.store_idevid(device_dir, cert_pem(idevid))
-        n_device = os.urandom(8)  # 64 random bits: the OTP printed on the label
+        n_device = otp if otp is not None else os.urandom(8)  # 64 bits: the OTP on the label
         atomic_write(device_dir / SECRET_FILE, n_device.hex().encode(), mode=0o600)
         atomic_write(device_dir / "manufacturer-ca.pem", self.ca_pem)
         atomic_write_json(device_dir / FACTORY_FILE, {
@@ -132,6 +139,11 @@ class Manufacturer:
         if device_identity(idevid) != (serial, urn):
             raise ValueError(f"the IDevID returned for device {serial} names another device")
         return idevid
+
+
+def _is_devid(devid: str) -> bool:
+    return (isinstance(devid, str) and len(devid) == 8 and devid != "00000000"
+            and all(c in "0123456789abcdef" for c in devid))
 
 
 def _software_idevid_csr(device_dir: Path, serial: str) -> bytes:

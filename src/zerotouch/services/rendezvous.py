@@ -4,6 +4,8 @@ secrets or OTPs (only salted hashes)."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from ..storage.base import RendezvousRepo, RvDeviceRecord
 
 HEX_RE = re.compile(r"[0-9a-fA-F]+")
 MAX_FAILED_CLAIMS = 10  # wrong OTPs per device before claims are refused (guessing)
+STATUS_QUERY_TYPE = "zt-rv-status-query/1"  # payload marker: this signature is only a status query
+MAX_STATUS_QUERY = 1000                     # serials per owner status query
 
 
 @dataclass
@@ -34,6 +38,51 @@ class RendezvousConfig:
     redirect_ttl: int = 300
     retry_after: int = 5
     clock: Callable[[], float] = time.time
+    # Failed OTP guesses (wrong OTP or unknown devid) per source address: a token bucket of
+    # `source_failures` tokens refilled over `source_window` seconds. Kept in this process
+    # (each replica limits on its own); the per-device count is in the database.
+    source_failures: int = 10
+    source_window: float = 600.0
+    max_sources: int = 100_000
+
+
+class SourceLimiter:
+    """Token bucket per source address, spent only by failures: an installer who types the
+    right OTPs is never slowed, a guesser gets 429 + Retry-After after `capacity` misses."""
+
+    def __init__(self, capacity: int, window: float, clock: Callable[[], float], max_sources: int):
+        self.capacity = float(capacity)
+        self.rate = capacity / window          # tokens per second
+        self.clock = clock
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}   # source -> (tokens, last update)
+
+    def _tokens(self, source: str, now: float) -> float:
+        tokens, last = self._buckets.get(source, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.rate)
+
+    def check(self, source: str | None) -> None:
+        if source is None:
+            return
+        now = self.clock()
+        tokens = self._tokens(source, now)
+        if tokens < 1.0:
+            wait = max(1, math.ceil((1.0 - tokens) / self.rate))
+            raise ProtocolError("too many wrong OTPs from this address; try again later",
+                                status=429, code="rate_limited", retry_after=wait)
+
+    def failed(self, source: str | None) -> None:
+        if source is None:
+            return
+        now = self.clock()
+        tokens = self._tokens(source, now) - 1.0
+        if source not in self._buckets and len(self._buckets) >= self.max_sources:
+            # bounded memory: forget sources whose buckets have refilled
+            for k in [k for k in self._buckets if self._tokens(k, now) >= self.capacity]:
+                del self._buckets[k]
+            if len(self._buckets) >= self.max_sources:
+                self._buckets.pop(next(iter(self._buckets)))
+        self._buckets[source] = (tokens, now)
 
 
 @dataclass
@@ -80,6 +129,8 @@ class RendezvousService:
         self.signer = signer
         self.cfg = config
         self._ca_fps = {cert_fingerprint(c) for c in config.manufacturer_cas}
+        self.limiter = SourceLimiter(config.source_failures, config.source_window, config.clock,
+                                     config.max_sources)
 
     @property
     def public_key(self):
@@ -106,11 +157,13 @@ class RendezvousService:
         await self.repo.add(rec)
         return rec
 
-    async def claim(self, *, otp_hex: str, devid_hex: str, cip: str, cport, cfingerprint: str) -> ClaimResult:
-        """One-time claim by OTP (TTE). A second claim is refused and changes nothing."""
+    async def claim(self, *, otp_hex: str, devid_hex: str, cip: str, cport, cfingerprint: str,
+                    source: str | None = None) -> ClaimResult:
+        """One-time claim by OTP (TTE). A second claim is refused and changes nothing.
+        `source`: the client address, for the per-source limit on wrong OTPs."""
         serial, otp = _parse_label_ids(devid_hex, otp_hex)
         gateway_url, owner_fp = parse_owner_address(cip, cport, cfingerprint)
-        rec = await self._check_otp(serial, otp)
+        rec = await self._check_otp(serial, otp, source)
         if rec.status is RendezvousStatus.REVOKED:
             raise ProtocolError("device is revoked", status=410, code="revoked")
         if rec.status is not RendezvousStatus.NOT_MAPPED or not await self.repo.claim(
@@ -119,27 +172,70 @@ class RendezvousService:
                            "claim it, its label may have been copied.")
         return self._claim_result(await self.repo.get(serial))
 
-    async def status(self, *, otp_hex: str, devid_hex: str) -> ClaimResult:
+    async def status(self, *, otp_hex: str, devid_hex: str, source: str | None = None) -> ClaimResult:
+        """The device's status for whoever holds its OTP (the OTP keeps answering after the
+        claim): not_mapped, mapped, registered or revoked."""
         serial, otp = _parse_label_ids(devid_hex, otp_hex)
-        return self._claim_result(await self._check_otp(serial, otp))
+        return self._claim_result(await self._check_otp(serial, otp, source))
 
-    async def _check_otp(self, serial: str, otp: bytes) -> RvDeviceRecord:
+    async def _check_otp(self, serial: str, otp: bytes, source: str | None = None) -> RvDeviceRecord:
+        self.limiter.check(source)
         rec = await self.repo.get(serial)
         if rec is None:
+            self.limiter.failed(source)  # probing devids is guessing too
             raise NotFound("no device with this devid is registered here")
         if rec.failed_claims >= MAX_FAILED_CLAIMS:
+            # Per device, in the database (so every replica sees it). The count has no time
+            # stamp in the schema, so this lock is permanent, not a sliding window.
             raise ProtocolError("too many wrong OTPs for this device; ask the manufacturer",
                                 status=429, code="locked")
         if not check_otp(otp, rec.otp_salt, rec.otp_hash):
+            self.limiter.failed(source)
             await self.repo.note_failed_claim(serial)
             raise NotAuthorized("the OTP does not match this device")
         return rec
+
+    async def owner_statuses(self, body: bytes) -> dict:
+        """Messages 7/8: an owner asks for the status of devices it expects. The query is a
+        COSE_Sign1 by the owner key (owner CA certificate in x5chain) over a JSON payload
+        {type, time, serials}; only devices mapped to that key are answered, every other
+        serial (another owner's, unmapped or unknown) comes back in `unknown` alike."""
+        signed = cose.parse_sign1(body, max_size=MAX_MESSAGE)
+        chain = signed.x5chain
+        if not chain:
+            raise NotAuthorized("status query is not signed by an owner key")
+        owner_key = public_key_of(load_der_cert(chain[0]))
+        try:
+            q = json.loads(signed.verify(owner_key))
+        except ValueError:
+            raise MalformedMessage("status query payload is not JSON") from None
+        if not isinstance(q, dict) or q.get("type") != STATUS_QUERY_TYPE:
+            raise MalformedMessage(f"status query payload must have type {STATUS_QUERY_TYPE}")
+        stamp, serials = q.get("time"), q.get("serials")
+        if not isinstance(stamp, int) or isinstance(stamp, bool):
+            raise MalformedMessage("status query needs an integer time")
+        check_fresh(stamp, self.cfg.clock())
+        if (not isinstance(serials, list) or len(serials) > MAX_STATUS_QUERY
+                or not all(isinstance(x, str) and len(x) == 8 and HEX_RE.fullmatch(x) for x in serials)):
+            raise MalformedMessage(f"serials must be a list of up to {MAX_STATUS_QUERY} 8-hex-digit device ids")
+        owner_fp = spki_fingerprint(owner_key)
+        devices, unknown = [], []
+        for serial in dict.fromkeys(x.lower() for x in serials):
+            rec = await self.repo.get(serial)
+            if rec is None or rec.owner_fp is None or rec.owner_fp != owner_fp:
+                unknown.append(serial)
+                continue
+            devices.append({"serial": rec.serial, "urn": rec.urn, "status": rec.status.value,
+                            "fingerprint": cert_fingerprint(load_der_cert(rec.idevid_der)).hex()})
+        return {"devices": devices, "unknown": unknown}
 
     @staticmethod
     def _claim_result(rec: RvDeviceRecord | None) -> ClaimResult:
         assert rec is not None
         fp = cert_fingerprint(load_der_cert(rec.idevid_der)).hex()
         extra = {"gateway_url": rec.gateway_url} if rec.gateway_url else {}
+        if rec.owner_fp:  # lets the introducer tell "claimed by us before" from "stolen OTP"
+            extra["owner_fingerprint"] = rec.owner_fp.hex()
         return ClaimResult(urn=rec.urn, fingerprint=fp, status=rec.status.value, serial=rec.serial,
                            extra=extra)
 

@@ -211,7 +211,11 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
                          terminus_port=cfg["terminus_port"])
     # What the owner tells its devices in the signed bundle (e.g. est_operational).
     gcfg.settings.update(cfg.get("bundle_settings", {}))
-    service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier)
+    gcfg.admission = cfg.get("admission", "introduced")
+    from .gateway import rendezvous_status_client
+    query = (rendezvous_status_client(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
+             if cfg.get("rendezvous_url") else None)
+    service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier, query_rendezvous=query)
     # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
     est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
     return RunningGateway(service, store, cfg, d, notifier, remote, est)

@@ -71,6 +71,23 @@ def gateway_app(service: GatewayService, *, admin_token: str, est_service=None,
         require_admin(request)
         return web.json_response({"devices": [_inv(r) for r in await service.store.inventory.list()]})
 
+    async def notice(request: web.Request) -> web.Response:
+        """Message 6: the introducer tells the owner about a device it claimed for it."""
+        require_admin(request)
+        if request.content_length is not None and request.content_length > 8192:
+            raise ProtocolError("notice is too large", status=413, code="too_large")
+        raw = await request.content.read(8193)
+        if len(raw) > 8192:
+            raise ProtocolError("notice is too large", status=413, code="too_large")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeError, ValueError):
+            raise MalformedMessage("send the notice as JSON {urn, fingerprint, otp, devid, "
+                                   "description} or {label_url, description}") from None
+        rec = await service.notice(data)
+        return web.json_response({"added": [_inv(rec)]}, status=201)
+
+    app.router.add_post("/zt/v1/notice", notice)
     app.router.add_post("/zt/v1/hello", cbor_route(service.hello))
     app.router.add_post("/zt/v1/prove", cbor_route(service.prove))
     app.router.add_post("/zt/v1/done", cbor_route(service.done))

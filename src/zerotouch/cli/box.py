@@ -1,0 +1,72 @@
+"""`zerotouch box ...`: bulk boxes (make and claim); argument parsing only, the work is in
+services/bulk.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_box(args) -> int:
+    from ..services import bulk
+    if args.action == "make":
+        if args.count < 1 or args.count > bulk.MAX_BOX:
+            print(f"--count must be 1 to {bulk.MAX_BOX}", file=sys.stderr)
+            return 2
+        return asyncio.run(bulk.make_box_cli(args.dir, args.rendezvous_info, count=args.count,
+                                             identity=args.identity, register=not args.no_register))
+    if args.action == "claim":
+        from ..introducer.claim import ClaimRefused, Owner
+        from ..protocol.errors import ProtocolError
+        gw_cfg, token, gw_ca = {}, None, None
+        if args.gateway_dir:
+            gw_cfg = json.loads((args.gateway_dir / "config.json").read_text())
+            token = (args.gateway_dir / "admin.token").read_text().strip()
+            gw_ca = (args.gateway_dir / "vault" / "owner-ca.pem").read_text()
+        elif not (args.owner_address and args.owner_port and args.owner_fingerprint):
+            print("give --gateway-dir, or --owner-address, --owner-port and --owner-fingerprint",
+                  file=sys.stderr)
+            return 2
+        owner = Owner(address=args.owner_address or gw_cfg.get("host", ""),
+                      port=args.owner_port or gw_cfg.get("port", 0),
+                      fingerprint=args.owner_fingerprint or gw_cfg.get("owner_fingerprint", ""),
+                      gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca)
+        ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
+        try:
+            result = asyncio.run(bulk.claim_box_remote(args.box_url, owner, rendezvous_ca_pem=ca,
+                                                       description=args.description))
+        except (ClaimRefused, ProtocolError) as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2))
+        claim = result["claim"]
+        if claim.get("conflicts"):
+            print(f"WARNING: {claim['conflicts']} device(s) of the box were already claimed — if "
+                  "that was not you, the box label may have been copied.", file=sys.stderr)
+        return 0 if claim.get("failed", 1) == 0 else 1
+    return 2
+
+
+def add_box_parser(sub) -> None:
+    """`sub`: the top-level subparsers of `zerotouch`."""
+    b = sub.add_parser("box", help="bulk boxes: one label (master secret + Device ID range) "
+                                   "for many devices")
+    bs = b.add_subparsers(dest="action", required=True)
+    bm = bs.add_parser("make", help="make a box of devices with derived OTPs and print its label")
+    bm.add_argument("--dir", required=True, type=Path, help="factory directory (CA, devices/, labels/)")
+    bm.add_argument("--rendezvous-info", required=True, type=Path, help="the rendezvous' public.json")
+    bm.add_argument("--count", required=True, type=int, help="devices in the box (≤ 10000)")
+    bm.add_argument("--identity", default="software", help="identity backend (software)")
+    bm.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
+    bc = bs.add_parser("claim", help="claim every device of a box for an owner in one step")
+    bc.add_argument("box_url", help="box label URL (https://<rendezvous>/.well-known/tte/box?...)")
+    bc.add_argument("--gateway-dir", type=Path,
+                    help="owner gateway dir: address, fingerprint, admin token (adds the devices "
+                         "to its inventory)")
+    bc.add_argument("--owner-address", help="cip: the owner gateway's host")
+    bc.add_argument("--owner-port", type=int, help="cport")
+    bc.add_argument("--owner-fingerprint", help="cfingerprint: SHA-256 of the owner key (hex)")
+    bc.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
+    bc.add_argument("--description", default="", help="inventory description (default: box range)")
+    b.set_defaults(func=cmd_box)
