@@ -20,7 +20,7 @@ MAX_FORM = 4096
 
 _STYLE = """<style>
 *{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:0 auto;padding:1rem;max-width:30rem;
-font-size:1.15rem;line-height:1.4}h1{font-size:1.5rem}
+font-size:1.15rem;line-height:1.4}h1{font-size:1.5rem}h2{font-size:1.25rem;margin-top:2rem}
 label{display:block;margin-top:1rem;font-weight:600}
 input{display:block;width:100%;font-size:1.2rem;padding:.7rem;min-height:3rem;margin-top:.3rem;
 border:1px solid #888;border-radius:.4rem}
