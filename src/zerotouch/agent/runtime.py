@@ -56,6 +56,31 @@ class AgentReport:
     operational: str | None = None   # outcome of the operational-certificate step, when on
 
 
+def _http_transport(factory: dict):
+    return HttpDeviceTransport(rendezvous_ca_pem=factory.get("rendezvous_tls_ca_pem") or None)
+
+
+def _coap_transport(factory: dict):
+    from ..transport.coap.client import CoapDeviceTransport  # aiocoap only when asked for
+    return CoapDeviceTransport(rendezvous_ca_pem=factory.get("rendezvous_tls_ca_pem") or None)
+
+
+#: Device transports by name: each builds one from the device's factory.json.
+DEVICE_TRANSPORTS: dict[str, Callable[[dict], object]] = {
+    "http": _http_transport,
+    "coap": _coap_transport,
+}
+
+
+def device_transport(name: str, factory: dict):
+    """The named device transport for a device (factory.json contents)."""
+    try:
+        make = DEVICE_TRANSPORTS[name]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r} (one of {', '.join(DEVICE_TRANSPORTS)})") from None
+    return make(factory)
+
+
 class Agent:
     def __init__(self, device_dir: Path, *, transport=None, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.time, rng: Callable[[int], bytes] = os.urandom,
@@ -68,8 +93,7 @@ class Agent:
         self.dir = Path(device_dir)
         self.factory = read_factory(self.dir)
         self.serial = self.factory["serial"]
-        self.transport = transport or HttpDeviceTransport(
-            rendezvous_ca_pem=self.factory.get("rendezvous_tls_ca_pem") or None)
+        self.transport = transport or device_transport("http", self.factory)
         self.backoff = backoff or Backoff()
         self.clock, self.rng, self.sleep = clock, rng, sleep
         self.max_attempts = max_attempts

@@ -62,7 +62,7 @@ def cmd_rendezvous(args) -> int:
         return 0
     if args.action == "serve":
         cfg = json.loads((Path(args.dir) / "config.json").read_text())
-        _run_server(servers.serve_rendezvous(args.dir, port=args.port,
+        _run_server(servers.serve_rendezvous(args.dir, port=args.port, coap=args.coap,
                                              on_ready=_ready("rendezvous", cfg["url"])))
         return 0
     if args.action == "status":
@@ -89,7 +89,7 @@ def cmd_gateway(args) -> int:
         cfg = json.loads((Path(args.dir) / "config.json").read_text())
         url = cfg["url"] if not args.port else cfg["url"].rsplit(":", 1)[0] + f":{args.port}"
         _run_server(servers.serve_gateway(args.dir, port=args.port, on_ready=_ready("gateway", url),
-                                          reuse_port=args.reuse_port))
+                                          reuse_port=args.reuse_port, coap=args.coap))
         return 0
     if args.action == "register":
         return asyncio.run(admin.gateway_register(args.dir, args.label_url, args.csv, args.description))
@@ -107,8 +107,11 @@ def cmd_terminus(args) -> int:
 
 
 def cmd_agent(args) -> int:
-    from ..agent.runtime import Agent
-    agent = Agent(args.device_dir, max_attempts=args.max_attempts, deadline_s=args.deadline)
+    from ..agent.runtime import Agent, device_transport
+    from ..services.manufacturer import read_factory
+    transport = device_transport(args.transport, read_factory(args.device_dir))
+    agent = Agent(args.device_dir, transport=transport, max_attempts=args.max_attempts,
+                  deadline_s=args.deadline)
     report = asyncio.run(agent.run(telemetry=args.telemetry))
     print(json.dumps(report.__dict__, indent=2), flush=True)
     if args.maintain and report.onboarded and not report.error:
@@ -199,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsv = rs.add_parser("serve")
     rsv.add_argument("--dir", required=True, type=Path)
     rsv.add_argument("--port", type=int, help="override the configured port")
+    rsv.add_argument("--coap", action="store_true",
+                     help="also serve CoAP over UDP on the same port number (same process)")
     rst = rs.add_parser("status")
     rst.add_argument("--dir", required=True, type=Path)
     rst.add_argument("serial", nargs="?")
@@ -227,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     gsv.add_argument("--port", type=int, help="override the configured port (run several replicas)")
     gsv.add_argument("--reuse-port", action="store_true",
                      help="share the port with other gateway processes on this host (SO_REUSEPORT)")
+    gsv.add_argument("--coap", action="store_true",
+                     help="also serve CoAP over UDP on the same port number (same process)")
     gr = gs.add_parser("register", help="add devices to the inventory from labels")
     gr.add_argument("--dir", required=True, type=Path)
     gr.add_argument("label_url", nargs="?")
@@ -256,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--telemetry", type=int, default=3, help="telemetry messages to publish")
     ar.add_argument("--max-attempts", type=int, default=None)
     ar.add_argument("--deadline", type=float, default=None, help="give up after this many seconds")
+    ar.add_argument("--transport", choices=("http", "coap"), default="http",
+                    help="how the device reaches the rendezvous and gateway (coap: UDP, same port numbers)")
     ar.add_argument("--maintain", action="store_true",
                     help="keep running and renew the operational certificate when due")
     a.set_defaults(func=cmd_agent)
@@ -302,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve", action="store_true", help="keep every role running afterwards")
     d.add_argument("--operational", action="store_true",
                    help="devices also enroll a 24 h operational certificate over EST and use it")
+    d.add_argument("--transport", choices=("http", "coap"), default="http",
+                   help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -6,6 +6,7 @@ on one database); Mosquitto is the terminus; the simulated devices run here, con
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -22,9 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..agent.runtime import Agent, AgentReport
+from ..agent.runtime import DEVICE_TRANSPORTS, Agent, AgentReport, device_transport
 from ..introducer.claim import Owner, claim_device
-from ..transport.http.client import HttpDeviceTransport
 from ..util.files import atomic_write_json, read_json
 from ..util.net import RoundRobinBalancer, free_port, wait_for_port
 from .admin import register_devices
@@ -46,6 +46,7 @@ class DemoOptions:
     json: bool = False
     serve: bool = False
     operational: bool = False
+    transport: str = "http"
 
 
 @dataclass
@@ -68,13 +69,18 @@ class DemoResult:
     state_dir: str
     concurrency: int = 0
     operational_devices: int = 0
+    transport: str = "http"
+    mean_bytes_sent: float | None = None
+    mean_bytes_received: float | None = None
+    largest_device_message: int | None = None
     reports: list[AgentReport] = field(default_factory=list)
 
     def summary(self) -> dict:
         keys = ("devices", "onboarded", "failed", "p50_ms", "p95_ms", "max_ms", "wall_s",
                 "onboarding_s", "throughput_per_s", "concurrency", "operational_devices",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
-                "db", "terminus", "state_dir")
+                "db", "terminus", "state_dir", "transport", "mean_bytes_sent",
+                "mean_bytes_received", "largest_device_message")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -131,6 +137,9 @@ class Processes:
 
 
 async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
+    if opts.transport not in DEVICE_TRANSPORTS:
+        raise ValueError(f"unknown transport {opts.transport!r}")
+    coap = opts.transport == "coap"
     temp = opts.state_dir is None
     root = Path(opts.state_dir or tempfile.mkdtemp(prefix="zerotouch-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -173,10 +182,12 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             console.print("[yellow]Mosquitto is not installed (apt-get install mosquitto): devices "
                           "onboard but no terminus runs, so no telemetry is measured.[/yellow]")
 
-        await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"))
+        # With CoAP, each server also listens on UDP on the same port number as its HTTPS.
+        coap_flag = ["--coap"] if coap else []
+        await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"), *coap_flag)
         for i, port in enumerate(replica_ports):
             await procs.start(f"gateway-{i + 1}", "gateway", "serve", "--dir", str(root / "gateway"),
-                              "--port", str(port))
+                              "--port", str(port), *coap_flag)
         balancer = RoundRobinBalancer(HOST, gw_port, [(HOST, p) for p in replica_ports])
         await balancer.start()
         for port in [rv_port, *replica_ports]:
@@ -199,16 +210,25 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                       gateway_url=gw_cfg["url"], admin_token=(root / "gateway" / "admin.token").read_text().strip(),
                       gateway_ca_pem=(root / "gateway" / "vault" / "owner-ca.pem").read_text())
         sem = asyncio.Semaphore(8)
+        # The balancer is TCP only: over CoAP each device is claimed straight to one gateway
+        # replica's port (alternating), which its redirect then names.
+        claim_counts = [0] * len(replica_ports)
 
-        async def introduce(dev):
+        async def introduce(i, dev):
+            who = owner
+            if coap:
+                n = i % len(replica_ports)
+                claim_counts[n] += 1
+                who = dataclasses.replace(owner, port=replica_ports[n])
             async with sem:
-                await claim_device(dev.label.url, owner, rendezvous_ca_pem=info.tls_ca_pem,
+                await claim_device(dev.label.url, who, rendezvous_ca_pem=info.tls_ca_pem,
                                    description=f"demo device {dev.serial}")
-        await asyncio.gather(*(introduce(d) for d in made))
+        await asyncio.gather(*(introduce(i, d) for i, d in enumerate(made)))
         console.print(f"claimed {len(made)} devices for owner {gw_cfg['owner_fingerprint'][:16]}…")
 
         # Power on.
         reports: list[AgentReport] = []
+        largest: list[int] = []
         run_sem = asyncio.Semaphore(max(1, opts.concurrency))
         telemetry = opts.telemetry if terminus else 0
         progress = Progress(TextColumn("onboarding"), BarColumn(), MofNCompleteColumn(),
@@ -219,10 +239,12 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
 
             async def power_on(dev):
                 async with run_sem:
-                    transport = HttpDeviceTransport(rendezvous_ca_pem=info.tls_ca_pem)
+                    transport = device_transport(opts.transport, {"rendezvous_tls_ca_pem": info.tls_ca_pem})
                     agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
                     report = await agent.run(telemetry=telemetry)
                 reports.append(report)
+                if getattr(transport, "largest_sent", None) is not None:
+                    largest.append(transport.largest_sent)
                 progress.advance(task)
             await asyncio.gather(*(power_on(d) for d in made))
 
@@ -250,9 +272,14 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             operational_devices=sum(1 for r in reports if r.operational == "promoted"),
             telemetry_devices=sum(1 for s in onboarded_serials if counts.get(s)),
             telemetry_messages=sum(counts.get(s, 0) for s in onboarded_serials),
-            gateway_replicas=len(replica_ports), gateway_connections=list(balancer.connections.values()),
+            gateway_replicas=len(replica_ports),
+            gateway_connections=claim_counts if coap else list(balancer.connections.values()),
             db=_safe_db(rv_db or "sqlite (one file per role)"), terminus=terminus_desc,
-            state_dir=str(root), reports=sorted(reports, key=lambda r: r.serial))
+            state_dir=str(root), reports=sorted(reports, key=lambda r: r.serial),
+            transport=opts.transport,
+            mean_bytes_sent=_mean([r.bytes_sent for r in reports if r.onboarded]),
+            mean_bytes_received=_mean([r.bytes_received for r in reports if r.onboarded]),
+            largest_device_message=max(largest) if largest else None)
         for r in result.reports:
             r.telemetry_sent = counts.get(r.serial, 0) if observer else 0
         if opts.serve:
@@ -288,6 +315,10 @@ async def _shutdown(procs, balancer, observer, terminus) -> None:
         await terminus.stop()
 
 
+def _mean(values: list[int]) -> float | None:
+    return round(statistics.fmean(values), 1) if values else None
+
+
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
@@ -318,7 +349,13 @@ def print_summary(result: DemoResult, console: Console) -> None:
             ("devices at once / onboarded per second", f"{result.concurrency} / {result.throughput_per_s}"),
             ("telemetry: devices heard / messages", f"{result.telemetry_devices} / {result.telemetry_messages}"),
             ("devices on an operational certificate (EST)", result.operational_devices),
-            ("gateway replicas (connections each)", f"{result.gateway_replicas} ({result.gateway_connections})"),
+            ("device transport", result.transport),
+            ("bytes per device sent / received (mean)",
+             f"{result.mean_bytes_sent} / {result.mean_bytes_received}"),
+            ("largest device message (bytes)", result.largest_device_message or "-"),
+            ("gateway replicas (connections each)" if result.transport == "http"
+             else "gateway replicas (devices claimed to each)",
+             f"{result.gateway_replicas} ({result.gateway_connections})"),
             ("database", result.db), ("terminus", result.terminus), ("wall time (s)", result.wall_s)]
     for k, v in rows:
         s.add_row(k, str(v))
@@ -328,7 +365,8 @@ def print_summary(result: DemoResult, console: Console) -> None:
 def run_demo_cli(args) -> int:
     opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
-                       json=args.json, serve=args.serve, operational=args.operational)
+                       json=args.json, serve=args.serve, operational=args.operational,
+                       transport=getattr(args, "transport", "http"))
     if opts.devices < 1:
         print("--devices must be at least 1", file=sys.stderr)
         return 2

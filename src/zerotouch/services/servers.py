@@ -1,7 +1,10 @@
 """Long-running servers for each role (what `zerotouch <role> serve` runs)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from pathlib import Path
 
 from ..storage import open_store
@@ -18,19 +21,49 @@ from .vault import LocalVault
 log = logging.getLogger("zerotouch.serve")
 
 
-async def serve_rendezvous(directory: Path, *, port: int | None = None, on_ready=None) -> None:
+@contextlib.asynccontextmanager
+async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None, enabled: bool = True):
+    """CoAP over UDP on the same port number as the HTTPS server (TCP), on the same service
+    objects, for the lifetime of the block. While it runs, SIGTERM stops the process cleanly
+    (the HTTPS site and the CoAP context are both shut down), like Ctrl-C."""
+    if not enabled:
+        yield None
+        return
+    from ..transport.coap import start_coap_server
+    server = await start_coap_server(rendezvous, gateway, bind=(host, port))
+    log.info("CoAP listening on %s", server.url)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    handled = False
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        handled = True
+    try:
+        yield server
+    except asyncio.CancelledError:
+        pass  # SIGTERM: a clean stop, not an error
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)
+        await server.shutdown()
+
+
+async def serve_rendezvous(directory: Path, *, port: int | None = None, on_ready=None,
+                           coap: bool = False) -> None:
     rv = await build_rendezvous(directory)
     d = Path(directory)
     app = rendezvous_app(rv.service, public_info={"url": rv.config["url"]})
     ctx = server_ssl_context(d / "tls.pem", d / "tls.key")
+    host, port = rv.config["host"], port or rv.config["port"]
     try:
-        await serve_forever(app, rv.config["host"], port or rv.config["port"], ctx, on_ready)
+        async with coap_alongside(host, port, rendezvous=rv.service, enabled=coap):
+            await serve_forever(app, host, port, ctx, on_ready)
     finally:
         await rv.store.close()
 
 
 async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=None,
-                        reuse_port: bool = False) -> None:
+                        reuse_port: bool = False, coap: bool = False) -> None:
     gw = await build_gateway(directory)
     d = Path(directory)
     try:
@@ -42,8 +75,9 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
         # certificate; the certificate stays optional for devices onboarding over CBOR.
         ctx = est_server_ssl_context(d / "tls.pem", d / "tls.key",
                                      [await gw.est.owner_ca(), *gw.est.manufacturer_cas])
-        await serve_forever(app, gw.config["host"], port or gw.config["port"], ctx, on_ready,
-                            reuse_port=reuse_port)
+        host, port = gw.config["host"], port or gw.config["port"]
+        async with coap_alongside(host, port, gateway=gw.service, enabled=coap):
+            await serve_forever(app, host, port, ctx, on_ready, reuse_port=reuse_port)
     finally:
         await gw.close()
 

@@ -2,6 +2,7 @@
 
 POST /rv/find-owner            → RendezvousService.find_owner
 POST /zt/hello|prove|done      → GatewayService.hello / prove / done
+GET  /.well-known/core         → the above as RFC 6690 links
 
 Requests and answers are application/cbor (Content-Format 60). Large bodies travel
 block-wise (RFC 7959): aiocoap reassembles Block1 requests and serves Block2 answers from a
@@ -121,6 +122,9 @@ def build_site(rendezvous=None, gateway=None, *, max_size: int = MAX_PAYLOAD) ->
         for step in ("hello", "prove", "done"):
             site.add_resource(PATHS[step], CborEndpoint(getattr(gateway, step), max_size=max_size,
                                                         name=f"/zt/{step}"))
+    # RFC 6690 resource discovery: GET /.well-known/core lists the endpoints above.
+    site.add_resource((".well-known", "core"),
+                      resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
     return site
 
 
