@@ -1,4 +1,5 @@
-"""Device-side key holder interface. Backends: software (files), later TPM.
+"""Device-side key holder interface. Backends: software (files); the TPM backend's building
+blocks are in identity/tpm.py (EK, AK, credential activation), not yet behind this interface.
 
 A backend keeps private keys where it can (files with 0600, a TPM) and exposes only the
 operations onboarding needs: sign with the IDevID key, make a CSR for a new LDevID key,
