@@ -17,21 +17,12 @@ def cmd_box(args) -> int:
         return asyncio.run(bulk.make_box_cli(args.dir, args.rendezvous_info, count=args.count,
                                              identity=args.identity, register=not args.no_register))
     if args.action == "claim":
-        from ..introducer.claim import ClaimRefused, Owner
+        from ..introducer.claim import ClaimRefused
         from ..protocol.errors import ProtocolError
-        gw_cfg, token, gw_ca = {}, None, None
-        if args.gateway_dir:
-            gw_cfg = json.loads((args.gateway_dir / "config.json").read_text())
-            token = (args.gateway_dir / "admin.token").read_text().strip()
-            gw_ca = (args.gateway_dir / "vault" / "owner-ca.pem").read_text()
-        elif not (args.owner_address and args.owner_port and args.owner_fingerprint):
-            print("give --gateway-dir, or --owner-address, --owner-port and --owner-fingerprint",
-                  file=sys.stderr)
+        from .owner import owner_from_args
+        owner = owner_from_args(args)
+        if owner is None:
             return 2
-        owner = Owner(address=args.owner_address or gw_cfg.get("host", ""),
-                      port=args.owner_port or gw_cfg.get("port", 0),
-                      fingerprint=args.owner_fingerprint or gw_cfg.get("owner_fingerprint", ""),
-                      gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca)
         ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
         try:
             result = asyncio.run(bulk.claim_box_remote(args.box_url, owner, rendezvous_ca_pem=ca,

@@ -123,7 +123,7 @@ def cmd_agent(args) -> int:
 
 
 def cmd_introducer(args) -> int:
-    from ..introducer.claim import Owner, claim_device, label_status, resolve_label
+    from ..introducer.claim import claim_device, label_status, resolve_label
     from ..protocol.errors import ProtocolError
     if args.action == "status":
         ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
@@ -136,15 +136,10 @@ def cmd_introducer(args) -> int:
         if st.get("status") != "not_mapped":
             print("WARNING: this OTP was already used: the device is claimed.", file=sys.stderr)
         return 0
-    gw_cfg, token, gw_ca = {}, None, None
-    if args.gateway_dir:
-        gw_cfg = json.loads((args.gateway_dir / "config.json").read_text())
-        token = (args.gateway_dir / "admin.token").read_text().strip()
-        gw_ca = (args.gateway_dir / "vault" / "owner-ca.pem").read_text()
-    owner = Owner(address=args.owner_address or gw_cfg.get("host", ""),
-                  port=args.owner_port or gw_cfg.get("port", 0),
-                  fingerprint=args.owner_fingerprint or gw_cfg.get("owner_fingerprint", ""),
-                  gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca)
+    from .owner import owner_from_args
+    owner = owner_from_args(args)
+    if owner is None:
+        return 2
     ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
     try:
         result = asyncio.run(claim_device(args.label, owner, rendezvous_ca_pem=ca,

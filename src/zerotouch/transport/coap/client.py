@@ -19,7 +19,7 @@ from aiocoap.numbers import codes
 
 from ...protocol.errors import MalformedMessage, ProtocolError, TryLater
 from ...protocol.messages import ErrorReply
-from ..http.client import PeerRefused
+from ..http.client import PeerRefused, new_client_context
 from .common import CBOR_CF, MAX_PAYLOAD, PATHS, status_for_code
 
 SCHEMES = ("coap", "coaps+tcp")
@@ -147,18 +147,8 @@ class CoapDeviceTransport:
 
 
 def tls_client_context(ca_pem: str | bytes | None) -> ssl.SSLContext:
-    """Like the HTTP client's, but our own object: aiocoap sets ALPN "coap" on it."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca_pem:
-        ctx.load_verify_locations(cadata=ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem)
-    else:
-        # Gateway before the owner is known: the Agent checks its certificate against the
-        # owner CA once the signed challenge has proved which owner this is.
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["coap"])
-    return ctx
+    """Like the HTTP client's, but our own object: CoAP over TLS negotiates ALPN "coap"."""
+    return new_client_context(ca_pem, alpn=["coap"])
 
 
 def _with_alpn(tls: ssl.SSLContext | None) -> ssl.SSLContext:

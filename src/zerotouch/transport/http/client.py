@@ -28,6 +28,11 @@ def client_ssl_context(ca_pem: str | bytes | None) -> ssl.SSLContext:
     Contexts are cached: building one is cheap only without the system CA store, which we
     never need (every trust anchor here is pinned).
     """
+    return new_client_context(ca_pem)
+
+
+def new_client_context(ca_pem: str | bytes | None, *, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A fresh client context (callers that change it, e.g. aiocoap setting ALPN, need their own)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_pem:
@@ -37,6 +42,8 @@ def client_ssl_context(ca_pem: str | bytes | None) -> ssl.SSLContext:
         # once the signed challenge has proved which owner this is (see Agent).
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
     return ctx
 
 
