@@ -195,32 +195,38 @@ async def test_evicted_context_recovers_after_reset():
 
 
 async def test_agent_onboards_over_edhoc_oscore(fleet):
-    """The real rendezvous + gateway site behind EDHOC; the agent's CoAP transport given an
-    OSCORE-capable context with the server pinned (what the hook in CoapDeviceTransport does)."""
+    """The real rendezvous + gateway served through start_coap_server(edhoc_identity=...), the
+    agent's CoapDeviceTransport pinning the server's key; a wrong pin gets nothing."""
     import random
 
     from zerotouch.agent.backoff import Backoff
     from zerotouch.agent.runtime import Agent
     from zerotouch.transport.coap.client import CoapDeviceTransport
-    from zerotouch.transport.coap.server import build_site
+    from zerotouch.transport.coap.server import start_coap_server
 
     server_id, device = EdhocIdentity.generate("owner"), EdhocIdentity.generate("device")
-    server = await start_edhoc_coap_server(build_site(fleet.rendezvous, fleet.gateway),
-                                           identity=server_id,
-                                           known=KnownDevices([device.fingerprint]),
-                                           bind=(HOST, 0))
+    server = await start_coap_server(fleet.rendezvous, fleet.gateway, bind=(HOST, 0),
+                                     edhoc_identity=server_id,
+                                     edhoc_known=KnownDevices([device.fingerprint]))
     try:
         dev = await fleet.make(claim=False)
         await fleet.rendezvous.claim(otp_hex=dev.label.otp, devid_hex=dev.label.devid, cip=HOST,
                                      cport=server.port, cfingerprint=fleet.owner_fp_hex)
-        t = CoapDeviceTransport(rendezvous_url=server.url)
-        t._ctx = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
-        creds = pin_server(t._ctx, server.url, device, server_id.fingerprint)
+        # A device pinning another key refuses the server before sending anything.
+        wrong = CoapDeviceTransport(rendezvous_url=server.url, edhoc_identity=device,
+                                    edhoc_pins={server.url: bytes(32)})
+        report = await Agent(dev.device_dir, transport=wrong, backoff=Backoff(rand=random.Random(1)),
+                             max_attempts=1, operational=False).run(telemetry=0)
+        assert not report.onboarded and report.error
+        assert (await fleet.store.inventory.get(dev.serial)).state.value == "expected"
+
+        t = CoapDeviceTransport(rendezvous_url=server.url, edhoc_identity=device,
+                                edhoc_pins={server.url: server_id.fingerprint})
         agent = Agent(dev.device_dir, transport=t, backoff=Backoff(rand=random.Random(1)),
                       max_attempts=1, operational=False)
         report = await agent.run(telemetry=0)
         assert report.onboarded, report.error
-        assert t.requests == 4 and creds.handshakes == 1
+        assert t.requests == 4 and t._edhoc_creds[server.url].handshakes == 1
         await t.close()
     finally:
         await server.shutdown()

@@ -51,7 +51,10 @@ class CoapDeviceTransport:
 
     def __init__(self, *, rendezvous_ca_pem: str | None = None, rendezvous_url: str | None = None,
                  gateway_url: str | None = None,
-                 https_as: str = "coap", timeout: float = 30.0, max_answer: int = MAX_PAYLOAD):
+                 https_as: str = "coap", timeout: float = 30.0, max_answer: int = MAX_PAYLOAD,
+                 edhoc_identity=None, edhoc_pins: dict[str, bytes] | None = None):
+        """`edhoc_identity` + `edhoc_pins` ({"coap://host:port": server key fingerprint}): protect
+        requests to those servers with EDHOC + OSCORE, refusing any other server key."""
         if https_as not in SCHEMES:
             raise ValueError(f"https_as must be one of {SCHEMES}")
         self._rendezvous_override = rendezvous_url.rstrip("/") if rendezvous_url else None
@@ -64,6 +67,9 @@ class CoapDeviceTransport:
         self._ctx: aiocoap.Context | None = None
         self._lock = asyncio.Lock()
         self._ssl_for: dict[str, ssl.SSLContext] = {}
+        self._edhoc_identity = edhoc_identity
+        self._edhoc_pins = {k.rstrip("/"): v for k, v in (edhoc_pins or {}).items()}
+        self._edhoc_creds: dict = {}
         self.gateway_peer_cert: bytes | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -81,7 +87,8 @@ class CoapDeviceTransport:
     async def _context(self) -> aiocoap.Context:
         async with self._lock:
             if self._ctx is None:
-                ctx = await aiocoap.Context.create_client_context(transports=["udp6", "tlsclient"])
+                transports = (["oscore"] if self._edhoc_identity else []) + ["udp6", "tlsclient"]
+                ctx = await aiocoap.Context.create_client_context(transports=transports)
                 # aiocoap's TLS client asks its credentials for an SSL context per origin; ours
                 # are pinned (rendezvous CA) or checked in the messages first (gateway).
                 ctx.client_credentials.ssl_client_context = self._ssl_client_context
@@ -115,6 +122,10 @@ class CoapDeviceTransport:
         if parts.scheme == "coaps+tcp":
             self._ssl_for[parts.netloc] = _with_alpn(tls)
         ctx = await self._context()
+        if parts.scheme == "coap" and self._edhoc_identity and base in self._edhoc_pins \
+                and base not in self._edhoc_creds:
+            from .edhoc import pin_server
+            self._edhoc_creds[base] = pin_server(ctx, base, self._edhoc_identity, self._edhoc_pins[base])
         req = aiocoap.Message(code=codes.POST, payload=body, content_format=CBOR_CF,
                               uri=f"{base}/{'/'.join(path)}")
         self.bytes_sent += len(body)
@@ -123,6 +134,8 @@ class CoapDeviceTransport:
         try:
             resp = await asyncio.wait_for(ctx.request(req).response, self._timeout)
         except aiocoap.error.Error as exc:
+            if base in self._edhoc_creds:
+                self._edhoc_creds[base].reset()  # the next attempt runs EDHOC afresh
             # Network trouble (timeouts, resets, refused TLS): the agent retries an OSError.
             raise OSError(f"CoAP request to {base} failed: {exc}") from exc
         data = bytes(resp.payload)

@@ -171,7 +171,8 @@ def _bound_port(context: aiocoap.Context, default: int) -> int:
 
 async def start_coap_server(rendezvous=None, gateway=None, *, bind: tuple[str, int] = ("127.0.0.1", 5683),
                             ssl_context: ssl.SSLContext | None = None,
-                            max_size: int = MAX_PAYLOAD) -> CoapServer:
+                            max_size: int = MAX_PAYLOAD, edhoc_identity=None, edhoc_known=None,
+                            edhoc_protected=None) -> CoapServer:
     """Serve the rendezvous and/or gateway over CoAP.
 
     Without `ssl_context`: CoAP over UDP (`coap://`). With it: CoAP over TLS, RFC 8323
@@ -181,6 +182,13 @@ async def start_coap_server(rendezvous=None, gateway=None, *, bind: tuple[str, i
         raise ValueError("serve at least one of rendezvous and gateway")
     site = build_site(rendezvous, gateway, max_size=max_size)
     host, port = bind
+    if edhoc_identity is not None:  # EDHOC + OSCORE, pinned raw public keys (UDP only)
+        if ssl_context is not None:
+            raise ValueError("EDHOC + OSCORE runs over UDP; drop ssl_context")
+        from .edhoc import KnownDevices, start_edhoc_coap_server
+        return await start_edhoc_coap_server(site, identity=edhoc_identity,
+                                             known=edhoc_known or KnownDevices(), bind=bind,
+                                             protected=edhoc_protected)
     if ssl_context is not None:
         ssl_context.set_alpn_protocols(["coap"])
         ctx = await aiocoap.Context.create_server_context(
