@@ -490,3 +490,51 @@ async def test_concurrent_forged_registration_cannot_replace_n_device(fleet):
     assert (await fleet.store.inventory.get(dev.serial)).description == "legit"
     nonce = os.urandom(16)
     assert await fleet.vault.owner_proof(dev.serial, nonce) == owner_proof(legit_n, nonce)
+
+
+# --- prove/done name the IDevID by kid (smaller messages): the kid cannot be borrowed -------
+async def _challenged(fleet):
+    dev = await fleet.make()
+    core = fleet.core(dev)
+    core.receive_redirect(await fleet.rendezvous.find_owner(core.find_owner_request()))
+    core.receive_challenge(await fleet.gateway.hello(core.hello_request()))
+    return dev, core
+
+
+async def test_prove_naming_the_right_kid_but_signed_by_another_key_is_refused(fleet):
+    import hashlib as _hl
+    from zerotouch.protocol import cose as _cose
+    from zerotouch.protocol.messages import Prove as _Prove
+    from zerotouch.pki.keys import generate_p256 as _gen
+    dev, core = await _challenged(fleet)
+    real = _cose.parse_sign1(core.prove_request(), max_size=65536)
+    assert not real.x5chain and real.kid == _hl.sha256(core._id.idevid_cert_der()).digest()
+    forged = _cose.sign1(real.payload, _cose.SoftwareSigner(_gen()), kid=real.kid)
+    with pytest.raises(BadSignature):
+        await fleet.gateway.prove(forged)
+    assert await fleet.store.certs.for_device(dev.serial) == []
+    assert (await fleet.store.sessions.get(_Prove.decode(real.payload).session)).state.value == "challenged"
+
+
+async def test_prove_with_another_devices_kid_is_refused(fleet):
+    from zerotouch.protocol import cose as _cose
+    dev_a, core_a = await _challenged(fleet)
+    dev_b, core_b = await _challenged(fleet)
+    # B signs A's session with its own key and kid: the session's IDevID is A's
+    a_payload = _cose.parse_sign1(core_a.prove_request(), max_size=65536).payload
+    b_kid = _cose.parse_sign1(core_b.prove_request(), max_size=65536).kid
+    forged = _cose.sign1(a_payload, core_b._id.idevid_signer(), kid=b_kid)
+    with pytest.raises(NotAuthorized):
+        await fleet.gateway.prove(forged)
+    assert await fleet.store.certs.for_device(dev_a.serial) == []
+
+
+async def test_prove_carrying_its_certificate_is_still_accepted(fleet):
+    """Devices that keep sending x5chain (older agents) still onboard."""
+    from zerotouch.protocol import cose as _cose
+    dev, core = await _challenged(fleet)
+    payload = _cose.parse_sign1(core.prove_request(), max_size=65536).payload
+    with_cert = _cose.sign1(payload, core._id.idevid_signer(), x5chain=[core._id.idevid_cert_der()])
+    core.receive_credentials(await fleet.gateway.prove(with_cert))
+    core.receive_done_ack(await fleet.gateway.done(core.done_request()))
+    assert core.state.value == "onboarded"

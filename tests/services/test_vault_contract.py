@@ -148,6 +148,15 @@ async def test_sign_is_cose_sign1_by_the_owner_ca_key(vut):
         parsed.verify(generate_p256().public_key())
 
 
+async def test_sign_without_chain_for_receivers_that_have_the_owner_ca(vut):
+    ca = await owner_ca(vut.vault)
+    payload = b"\xa1\x00\x0c" + os.urandom(20)
+    bare = await vut.vault.sign(payload, with_chain=False)
+    parsed = cose.parse_sign1(bare, max_size=MAX_MESSAGE)
+    assert parsed.x5chain == [] and parsed.verify(ca.public_key()) == payload
+    assert len(bare) + 400 < len(await vut.vault.sign(payload))   # the certificate is not sent
+
+
 # --- N_device -------------------------------------------------------------------------------------
 async def test_owner_proof_uses_the_stored_n_device(vut):
     n_device, nonce = os.urandom(8), os.urandom(16)

@@ -73,9 +73,13 @@ class DeviceOnboarding:
         self.redirect = self._challenge = self.result = None
         self._owner_key = None
 
-    def _sign(self, msg) -> bytes:
+    def _sign(self, msg, *, with_cert: bool = True) -> bytes:
+        if with_cert:
+            return cose.sign1(msg.encode(), self._id.idevid_signer(),
+                              x5chain=[self._id.idevid_cert_der()])
+        # After hello the gateway keeps the IDevID with the session: name it, do not resend it.
         return cose.sign1(msg.encode(), self._id.idevid_signer(),
-                          x5chain=[self._id.idevid_cert_der()])
+                          kid=hashlib.sha256(self._id.idevid_cert_der()).digest())
 
     # --- phase 3 ------------------------------------------------------------------------
     def find_owner_request(self) -> bytes:
@@ -140,7 +144,7 @@ class DeviceOnboarding:
         csr = x509.load_der_x509_csr(csr_der)
         self._csr_key_fp = spki_fingerprint(csr.public_key())
         return self._sign(Prove(session=self._challenge.session, challenge=self._challenge.challenge,
-                                csr=csr_der, seal_key=self._id.new_seal_key()))
+                                csr=csr_der, seal_key=self._id.new_seal_key()), with_cert=False)
 
     # --- phase 5 ------------------------------------------------------------------------
     def receive_credentials(self, data: bytes) -> OnboardingResult:
@@ -182,7 +186,8 @@ class DeviceOnboarding:
         assert self.result is not None and self._challenge is not None
         self._go(DeviceState.DONE_SENT)
         return self._sign(Done(session=self._challenge.session, serial=self.serial,
-                               ldevid_fp=hashlib.sha256(self.result.ldevid_der).digest()))
+                               ldevid_fp=hashlib.sha256(self.result.ldevid_der).digest()),
+                          with_cert=False)
 
     def receive_done_ack(self, data: bytes) -> None:
         if self.state is not DeviceState.DONE_SENT:

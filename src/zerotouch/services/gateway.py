@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..pki.ca import device_identity
+from ..pki.ca import device_identity, load_der_cert, public_key_of
 from ..pki.keys import cert_fingerprint
+from ..protocol import cose
+from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import (BadSignature, Conflict, MalformedMessage, NotAuthorized, NotFound,
                                ProtocolError, StaleMessage, TryLater)
 from ..protocol.messages import (Bundle, Challenge, Credentials, Done, DoneAck, Hello, Prove,
@@ -255,17 +258,36 @@ class GatewayService:
         expires = now + self.cfg.session_ttl
         await self.store.sessions.start(SessionRecord(
             id=session, serial=msg.serial, nonce=msg.nonce, challenge=challenge,
-            idevid_fp=cert_fingerprint(cert), state=SessionState.CHALLENGED, expires=expires))
+            idevid_fp=cert_fingerprint(cert), state=SessionState.CHALLENGED, expires=expires,
+            idevid_der=cert.public_bytes(Encoding.DER)))
         return await self.vault.sign(Challenge(session=session, nonce=msg.nonce, challenge=challenge,
                                                owner_proof=proof, expires=int(expires)).encode())
+
+    async def _session_message(self, body: bytes, cls, target: SessionState):
+        """A prove/done: (message, IDevID, session). The device may carry its IDevID (x5chain)
+        or name it by kid (its SHA-256, as kept on the session since hello)."""
+        signed = cose.parse_sign1(body, max_size=MAX_MESSAGE)
+        if signed.x5chain:
+            msg, cert = verify_device_signed(body, cls, self.cfg.manufacturer_cas, self.cfg.clock())
+            return msg, cert, await self._session(msg.session, cert, target)
+        unverified = cls.decode(signed.payload)  # only to find the session: trusted after verify
+        sess = await self._live_session(unverified.session)
+        if signed.kid is None or not sess.idevid_der or not hmac.compare_digest(signed.kid, sess.idevid_fp):
+            raise NotAuthorized("session belongs to another device")
+        cert = load_der_cert(sess.idevid_der)
+        msg = cls.decode(signed.verify(public_key_of(cert)))
+        return msg, cert, await self._session(msg.session, cert, target)
+
+    async def _live_session(self, session_id: bytes):
+        sess = await self.store.sessions.get(session_id)
+        if sess is None or sess.expires < self.cfg.clock():
+            raise StaleMessage("unknown or expired onboarding session; start again with hello")
+        return sess
 
     async def _session(self, session_id: bytes, cert: x509.Certificate, target: SessionState):
         """The session this message continues, if the transition table lets it go to `target`
         and the owner has not revoked the device meanwhile."""
-        now = self.cfg.clock()
-        sess = await self.store.sessions.get(session_id)
-        if sess is None or sess.expires < now:
-            raise StaleMessage("unknown or expired onboarding session; start again with hello")
+        sess = await self._live_session(session_id)
         if not hmac.compare_digest(sess.idevid_fp, cert_fingerprint(cert)):
             raise NotAuthorized("session belongs to another device")
         if target not in SESSION_TRANSITIONS[sess.state]:
@@ -276,8 +298,7 @@ class GatewayService:
         return sess
 
     async def prove(self, body: bytes) -> bytes:
-        msg, cert = verify_device_signed(body, Prove, self.cfg.manufacturer_cas, self.cfg.clock())
-        sess = await self._session(msg.session, cert, SessionState.CREDENTIALED)
+        msg, cert, sess = await self._session_message(body, Prove, SessionState.CREDENTIALED)
         try:
             if not hmac.compare_digest(msg.challenge, sess.challenge):
                 raise BadSignature("challenge answer does not match")
@@ -297,18 +318,19 @@ class GatewayService:
                 serial=sess.serial, terminus_host=self.cfg.terminus_host,
                 terminus_port=self.cfg.terminus_port, owner_ca=owner_ca,
                 topic_prefix=f"{self.cfg.topic_root}/{sess.serial}", settings=dict(self.cfg.settings),
-                issued=int(self.cfg.clock())).encode())
+                issued=int(self.cfg.clock())).encode(), with_chain=False)  # owner_ca is inside
             ldevid_serial = format(x509.load_der_x509_certificate(ldevid).serial_number, "x")
             await self.store.sessions.store_ldevid(sess.id, sess.serial, ldevid, ldevid_serial)
         except ProtocolError as exc:
             await self.store.inventory.update(sess.serial, last_error=f"prove: {exc.message}"[:512])
             raise
+        # The device has the owner CA since the challenge: no x5chain from here on.
         return await self.vault.sign(Credentials(session=sess.id, nonce=sess.nonce, ldevid=ldevid,
-                                                 sealed_secret=sealed, bundle=bundle).encode())
+                                                 sealed_secret=sealed, bundle=bundle).encode(),
+                                     with_chain=False)
 
     async def done(self, body: bytes) -> bytes:
-        msg, cert = verify_device_signed(body, Done, self.cfg.manufacturer_cas, self.cfg.clock())
-        sess = await self._session(msg.session, cert, SessionState.DONE)
+        msg, cert, sess = await self._session_message(body, Done, SessionState.DONE)
         if not sess.ldevid_der or not hmac.compare_digest(
                 msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):
             raise NotAuthorized("device reports another certificate than the one issued")
@@ -321,7 +343,8 @@ class GatewayService:
                 await self.notify_rendezvous(report)
             except Exception as exc:  # onboarded either way; the device must still get its ack
                 log.warning("could not report %s to the rendezvous: %s", sess.serial, exc)
-        return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode())
+        return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode(),
+                                     with_chain=False)
 
 
 async def gateway_status(directory, as_json: bool = False) -> int:

@@ -41,8 +41,9 @@ class Vault(Protocol):
 
     async def owner_ca_der(self) -> bytes: ...
 
-    async def sign(self, payload: bytes) -> bytes:
-        """COSE_Sign1 by the owner key, with the owner CA certificate in x5chain."""
+    async def sign(self, payload: bytes, with_chain: bool = True) -> bytes:
+        """COSE_Sign1 by the owner key, with the owner CA certificate in x5chain unless the
+        receiver already has it (with_chain=False: a constrained device saves ~440 bytes)."""
 
     async def put_device_secret(self, serial: str, n_device: bytes) -> None: ...
 
@@ -150,8 +151,8 @@ class LocalVault:
     async def owner_ca_der(self) -> bytes:
         return self._ca_der
 
-    async def sign(self, payload: bytes) -> bytes:
-        return cose.sign1(payload, self._signer, x5chain=[self._ca_der])
+    async def sign(self, payload: bytes, with_chain: bool = True) -> bytes:
+        return cose.sign1(payload, self._signer, x5chain=[self._ca_der] if with_chain else None)
 
     async def put_device_secret(self, serial: str, n_device: bytes) -> None:
         await self._secrets.put("n_device", serial, self._enc("n_device", serial, n_device))

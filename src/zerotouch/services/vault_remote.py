@@ -138,8 +138,8 @@ class RemoteVault:
     async def owner_ca_der(self) -> bytes:
         return await self._call("owner_ca_der")
 
-    async def sign(self, payload: bytes) -> bytes:
-        return await self._call("sign", payload=payload)
+    async def sign(self, payload: bytes, with_chain: bool = True) -> bytes:
+        return await self._call("sign", payload=payload, with_chain=with_chain)
 
     async def put_device_secret(self, serial: str, n_device: bytes) -> None:
         await self._call("put_device_secret", serial=serial, n_device=n_device)

@@ -46,6 +46,7 @@ class SessionRecord:
     state: SessionState
     expires: float
     ldevid_der: bytes | None = None
+    idevid_der: bytes | None = None   # so prove/done may name the key by kid instead of carrying it
 
 
 class RendezvousRepo(Protocol):

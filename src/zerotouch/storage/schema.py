@@ -43,6 +43,7 @@ gw_sessions = Table(
     Column("state", String(16), nullable=False),
     Column("expires", Float, nullable=False),
     Column("ldevid_der", LargeBinary),
+    Column("idevid_der", LargeBinary),
     Index("ix_gw_sessions_expires", "expires"),
     # A nonce answers one hello only: a replayed hello cannot open a second session.
     Index("ux_gw_sessions_serial_nonce", "serial", "nonce", unique=True),

@@ -39,7 +39,7 @@ MAX_TEXT = 256
 # the two cannot drift apart. `float` arguments also accept CBOR integers.
 OPS: dict[str, tuple[str, dict[str, type], type]] = {
     "owner-ca-der": ("owner_ca_der", {}, bytes),
-    "sign": ("sign", {"payload": bytes}, bytes),
+    "sign": ("sign", {"payload": bytes, "with_chain": bool}, bytes),
     "put-device-secret": ("put_device_secret", {"serial": str, "n_device": bytes}, type(None)),
     "has-device-secret": ("has_device_secret", {"serial": str}, bool),
     "owner-proof": ("owner_proof", {"serial": str, "nonce": bytes}, bytes),
