@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 
 try:  # cryptography >= 47 keeps CFB under "decrepit"
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
@@ -74,33 +76,23 @@ def _label(label: bytes) -> bytes:
 
 def kdfa(hash_alg: int, key: bytes, label: bytes, context_u: bytes, context_v: bytes,
          bits: int) -> bytes:
-    """KDFa (Part 1 §11.4.10.2): SP 800-108 counter mode with HMAC."""
-    h = _hash(hash_alg)
-    out = b""
-    counter = 0
-    while len(out) * 8 < bits:
-        counter += 1
-        m = (struct.pack(">I", counter) + _label(label) + context_u + context_v
-             + struct.pack(">I", bits))
-        out += _hmac.new(key, m, h.name).digest()
-    out = out[: (bits + 7) // 8]
+    """KDFa (Part 1 §11.4.10.2) is SP 800-108 counter mode with HMAC: `cryptography`'s KBKDFHMAC.
+    Its fixed input, label || 0x00 || context || L, is the TPM's Label-with-NUL || U || V || bits."""
     if bits % 8:
-        out = bytes([out[0] & ((1 << (bits % 8)) - 1)]) + out[1:]
-    return out
+        raise CredentialError("KDFa is used here for whole bytes only")
+    return KBKDFHMAC(algorithm=_hash(hash_alg), mode=Mode.CounterMode, length=bits // 8, rlen=4,
+                     llen=4, location=CounterLocation.BeforeFixed, label=label.rstrip(b"\0"),
+                     context=context_u + context_v, fixed=None).derive(key)
 
 
 def kdfe(hash_alg: int, z: bytes, label: bytes, party_u: bytes, party_v: bytes,
          bits: int) -> bytes:
-    """KDFe (Part 1 §11.4.10.3): SP 800-56A one-step KDF with a hash."""
-    h = _hash(hash_alg)
-    out = b""
-    counter = 0
-    while len(out) * 8 < bits:
-        counter += 1
-        d = hashes.Hash(h)
-        d.update(struct.pack(">I", counter) + z + _label(label) + party_u + party_v)
-        out += d.finalize()
-    return out[: (bits + 7) // 8]
+    """KDFe (Part 1 §11.4.10.3) is the SP 800-56A one-step KDF: `cryptography`'s ConcatKDFHash,
+    with Label-with-NUL || PartyUInfo || PartyVInfo as its OtherInfo."""
+    if bits % 8:
+        raise CredentialError("KDFe is used here for whole bytes only")
+    return ConcatKDFHash(algorithm=_hash(hash_alg), length=bits // 8,
+                         otherinfo=_label(label) + party_u + party_v).derive(z)
 
 
 # --- TPMT_PUBLIC helpers (only the fixed-position header is parsed) -----------------------
