@@ -1,5 +1,5 @@
 """Device-side key holder interface. Backends: software (files); the TPM backend's building
-blocks are in identity/tpm.py (EK, AK, credential activation), not yet behind this interface.
+live in identity/tpm/ (EK, AK, credential activation, sealing, quotes, TPM-resident keys).
 
 A backend keeps private keys where it can (files with 0600, a TPM) and exposes only the
 operations onboarding needs: sign with the IDevID key, make a CSR for a new LDevID key,
