@@ -178,28 +178,53 @@ def make_credential(ek_public, ak_name: bytes, credential: bytes, *,
     if len(ak_name) != 2 + _hash(struct.unpack(">H", ak_name[:2])[0]).digest_size:
         raise CredentialError("AK name has the wrong length for its nameAlg")
 
+    seed, secret = create_seed(ek_public, b"IDENTITY", name_alg)
+    blob = outer_wrap(seed, name_alg, sym_bits, ak_name,
+                      struct.pack(">H", len(credential)) + credential)  # TPM2B_DIGEST
+    return blob, secret
+
+
+# --- the two halves shared with duplication (attestation/duplicate.py) ----------------------
+
+def create_seed(ek_public, label: bytes, name_alg: int) -> tuple[bytes, bytes]:
+    """A fresh seed only the holder of the EK's private key can recover (Part 1 §11.4.10 /
+    Part 3 CryptSecretEncrypt). Returns (seed, encryptedSecret contents).
+
+    RSA: the seed is random, OAEP(nameAlg, label-with-NUL) encrypted to the EK.
+    ECC: ECDH of an ephemeral key with the EK; seed = KDFe(nameAlg, Z, label, ephX, ekX) and
+    the secret is the ephemeral point (TPMS_ECC_POINT). `label` is b"IDENTITY" for
+    MakeCredential, b"DUPLICATE" for Import."""
+    h = _hash(name_alg)
     if isinstance(ek_public, rsa.RSAPublicKey):
         seed = os.urandom(h.digest_size)
         secret = ek_public.encrypt(seed, padding.OAEP(
             mgf=padding.MGF1(algorithm=_hash(name_alg)), algorithm=_hash(name_alg),
-            label=b"IDENTITY\0"))
-    else:
+            label=_label(label)))
+        return seed, secret
+    if isinstance(ek_public, ec.EllipticCurvePublicKey):
         curve = ek_public.curve
         size = (curve.key_size + 7) // 8
         eph = ec.generate_private_key(curve)
         z = eph.exchange(ec.ECDH(), ek_public)  # x-coordinate of the shared point
         ephn = eph.public_key().public_numbers()
         ekn = ek_public.public_numbers()
-        seed = kdfe(name_alg, z, b"IDENTITY", _int_bytes(ephn.x, size),
+        seed = kdfe(name_alg, z, label.rstrip(b"\0"), _int_bytes(ephn.x, size),
                     _int_bytes(ekn.x, size), h.digest_size * 8)
         x, y = _int_bytes(ephn.x, size), _int_bytes(ephn.y, size)
         secret = struct.pack(">H", size) + x + struct.pack(">H", size) + y  # TPMS_ECC_POINT
+        return seed, secret
+    raise CredentialError("EK public key must be RSA or ECC")
 
-    sym_key = kdfa(name_alg, seed, b"STORAGE", ak_name, b"", sym_bits)
-    plain = struct.pack(">H", len(credential)) + credential  # TPM2B_DIGEST
+
+def outer_wrap(seed: bytes, name_alg: int, sym_bits: int, name: bytes, plain: bytes) -> bytes:
+    """The outer wrapper (Part 1 §24 / §23.3.2.3) shared by credentials and duplicates:
+    AES-CFB (IV 0) under KDFa(seed, "STORAGE", name), then an HMAC under
+    KDFa(seed, "INTEGRITY") over (ciphertext || name). Returns TPM2B_DIGEST(HMAC) || ciphertext
+    (the contents of a TPM2B_ID_OBJECT or of a duplicate TPM2B_PRIVATE)."""
+    h = _hash(name_alg)
+    sym_key = kdfa(name_alg, seed, b"STORAGE", name, b"", sym_bits)
     enc = Cipher(algorithms.AES(sym_key), CFB(b"\0" * 16)).encryptor()
-    enc_identity = enc.update(plain) + enc.finalize()
+    encrypted = enc.update(plain) + enc.finalize()
     hmac_key = kdfa(name_alg, seed, b"INTEGRITY", b"", b"", h.digest_size * 8)
-    outer = _hmac.new(hmac_key, enc_identity + ak_name, h.name).digest()
-    blob = struct.pack(">H", len(outer)) + outer + enc_identity
-    return blob, secret
+    outer = _hmac.new(hmac_key, encrypted + name, h.name).digest()
+    return struct.pack(">H", len(outer)) + outer + encrypted
