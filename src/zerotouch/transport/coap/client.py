@@ -27,7 +27,8 @@ SCHEMES = ("coap", "coaps+tcp")
 
 def error_from_response(resp: aiocoap.Message) -> ProtocolError:
     status = status_for_code(resp.code)
-    retry_after = resp.opt.max_age if resp.code == codes.SERVICE_UNAVAILABLE else None
+    retry_after = (resp.opt.max_age if resp.code in (codes.SERVICE_UNAVAILABLE, codes.TOO_MANY_REQUESTS)
+                   else None)
     code, message = "coap_error", f"CoAP {resp.code.dotted}"
     try:
         reply = ErrorReply.decode(bytes(resp.payload), max_size=4096)

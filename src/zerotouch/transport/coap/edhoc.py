@@ -339,13 +339,16 @@ class EdhocGuard(interfaces.Resource):
 async def start_edhoc_coap_server(site, *, identity: EdhocIdentity, known: KnownDevices,
                                   bind: tuple[str, int] = ("127.0.0.1", 5683),
                                   protected: Iterable[tuple[str, ...]] | None = None,
-                                  max_contexts: int = 40):
+                                  max_contexts: int = 40, rate_limit=None):
     """Serve `site` over CoAP/UDP with EDHOC + OSCORE. Returns a `CoapServer` whose `.site`
     is the `EdhocSiteWrapper` (its `.known` is the live known-device list)."""
-    from .server import CoapServer, _bound_port
+    from .server import CoapServer, _bound_port, rate_limited
 
     wrapped = EdhocSiteWrapper(EdhocGuard(site, protected), identity, known,
                                max_contexts=max_contexts)
+    limited = rate_limited(wrapped, rate_limit)
     host, port = bind
-    ctx = await aiocoap.Context.create_server_context(wrapped, bind=(host, port), transports=["udp6"])
-    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme="coap", site=wrapped)
+    ctx = await aiocoap.Context.create_server_context(limited or wrapped, bind=(host, port),
+                                                      transports=["udp6"])
+    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme="coap", site=wrapped,
+                      limiter=limited)

@@ -41,7 +41,7 @@ from ...protocol.errors import MalformedMessage
 from ..http.client import PeerRefused
 from .client import CoapDeviceTransport
 from .common import MAX_PAYLOAD, PATHS, status_for_code
-from .server import CoapServer, _bound_port, build_site
+from .server import CoapServer, _bound_port, build_site, rate_limited
 
 MASTER_SALT = b"zerotouch oscore-psk v1"
 ALGORITHM = "AES-CCM-16-64-128"
@@ -258,15 +258,18 @@ async def start_oscore_psk_server(rendezvous=None, gateway=None, *, store: PskCo
                                   bind: tuple[str, int] = ("127.0.0.1", 5683),
                                   max_size: int = MAX_PAYLOAD,
                                   unprotected_paths: Iterable[tuple[str, ...]] = UNPROTECTED_PATHS,
-                                  ) -> CoapServer:
+                                  rate_limit=None) -> CoapServer:
     """Like `start_coap_server` over UDP, every endpoint behind OSCORE with PSK contexts."""
     if rendezvous is None and gateway is None:
         raise ValueError("serve at least one of rendezvous and gateway")
     inner = build_site(rendezvous, gateway, max_size=max_size)
     site = ProtectedOnlySite(inner, store, unprotected_paths=unprotected_paths)
+    limited = rate_limited(site, rate_limit)
     host, port = bind
-    ctx = await aiocoap.Context.create_server_context(site, bind=(host, port), transports=["udp6"])
-    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme="coap", site=inner)
+    ctx = await aiocoap.Context.create_server_context(limited or site, bind=(host, port),
+                                                      transports=["udp6"])
+    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme="coap", site=inner,
+                      limiter=limited)
 
 
 class OscorePskTransport(CoapDeviceTransport):

@@ -137,6 +137,7 @@ class CoapServer:
     port: int
     scheme: str
     site: resource.Site = field(repr=False)
+    limiter: object = field(default=None, repr=False)  # RateLimitedSite when limits are on
 
     @property
     def url(self) -> str:
@@ -172,11 +173,12 @@ def _bound_port(context: aiocoap.Context, default: int) -> int:
 async def start_coap_server(rendezvous=None, gateway=None, *, bind: tuple[str, int] = ("127.0.0.1", 5683),
                             ssl_context: ssl.SSLContext | None = None,
                             max_size: int = MAX_PAYLOAD, edhoc_identity=None, edhoc_known=None,
-                            edhoc_protected=None) -> CoapServer:
+                            edhoc_protected=None, rate_limit=None) -> CoapServer:
     """Serve the rendezvous and/or gateway over CoAP.
 
     Without `ssl_context`: CoAP over UDP (`coap://`). With it: CoAP over TLS, RFC 8323
     (`coaps+tcp://`), ALPN "coap". Port 0 picks a free port (read it from `.port`).
+    `rate_limit` (a `ratelimit.RateLimit`): per-source limits in front of everything.
     """
     if rendezvous is None and gateway is None:
         raise ValueError("serve at least one of rendezvous and gateway")
@@ -188,13 +190,24 @@ async def start_coap_server(rendezvous=None, gateway=None, *, bind: tuple[str, i
         from .edhoc import KnownDevices, start_edhoc_coap_server
         return await start_edhoc_coap_server(site, identity=edhoc_identity,
                                              known=edhoc_known or KnownDevices(), bind=bind,
-                                             protected=edhoc_protected)
+                                             protected=edhoc_protected, rate_limit=rate_limit)
+    limited = rate_limited(site, rate_limit)
+    outer = limited or site
     if ssl_context is not None:
         ssl_context.set_alpn_protocols(["coap"])
         ctx = await aiocoap.Context.create_server_context(
-            site, bind=(host, port), transports=["tlsserver"], _ssl_context=ssl_context)
+            outer, bind=(host, port), transports=["tlsserver"], _ssl_context=ssl_context)
         scheme = "coaps+tcp"
     else:
-        ctx = await aiocoap.Context.create_server_context(site, bind=(host, port), transports=["udp6"])
+        ctx = await aiocoap.Context.create_server_context(outer, bind=(host, port), transports=["udp6"])
         scheme = "coap"
-    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme=scheme, site=site)
+    return CoapServer(context=ctx, host=host, port=_bound_port(ctx, port), scheme=scheme, site=site,
+                      limiter=limited)
+
+
+def rate_limited(site, rate_limit):
+    """`site` behind per-source token buckets, or None when `rate_limit` is None or all off."""
+    if rate_limit is None or not rate_limit.enabled:
+        return None
+    from .ratelimit import RateLimitedSite
+    return RateLimitedSite(site, rate_limit)
