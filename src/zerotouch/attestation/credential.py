@@ -121,6 +121,130 @@ def unwrap_tpm2b(data: bytes) -> bytes:
     return data[2:]
 
 
+class TpmReader:
+    """A strict reader of TPM-marshalled (big-endian) structures: every read checks that the
+    bytes are there and ``end()`` that none are left, so malformed input becomes `error` with
+    the field's name, never an IndexError or struct.error."""
+
+    def __init__(self, data: bytes, what: str, error: type[Exception] = CredentialError):
+        self.data, self.pos, self.what, self.error = bytes(data), 0, what, error
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.error(f"{self.what} is truncated (in {field})")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        return struct.unpack(">H", self.take(2, field))[0]
+
+    def u32(self, field: str) -> int:
+        return struct.unpack(">I", self.take(4, field))[0]
+
+    def u64(self, field: str) -> int:
+        return struct.unpack(">Q", self.take(8, field))[0]
+
+    def tpm2b(self, field: str, max_size: int | None = None) -> bytes:
+        size = self.u16(field)
+        if max_size is not None and size > max_size:
+            raise self.error(f"{self.what}: {field} is {size} bytes, at most {max_size} allowed")
+        return self.take(size, field)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise self.error(f"{self.what} has {len(self.data) - self.pos} unexpected trailing "
+                             "bytes")
+
+
+# Schemes whose TPMU details are a hash algorithm (ECDAA adds a count), Part 2 §11.2
+_SCHEMES_WITH_HASH = {0x0005, 0x0014, 0x0016, 0x0017, 0x0018, 0x0019, 0x001A, 0x001B, 0x001C,
+                      0x001D, 0x0020, 0x0021, 0x0022}
+TPM_ALG_NULL = 0x0010
+TPM_ALG_XOR = 0x000A
+TPM_ALG_ECDAA = 0x001A
+_CURVES = {0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+
+
+@dataclass(frozen=True)
+class TpmPublic:
+    """The fields of a TPMT_PUBLIC (RSA, ECC or KEYEDHASH) that callers check."""
+    type: int
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    sym_alg: int          # parameters.symmetric (TPM_ALG_NULL for signing keys)
+    sym_bits: int
+    scheme: int           # signing/decryption scheme, TPM_ALG_NULL when unrestricted
+    scheme_hash: int
+    rsa_bits: int = 0
+    rsa_exponent: int = 0
+    curve: int = 0
+    unique: bytes = b""   # RSA modulus, or KEYEDHASH digest
+    ecc_x: bytes = b""
+    ecc_y: bytes = b""
+
+    def public_key(self):
+        """The `cryptography` public key of an RSA or ECC public area."""
+        try:
+            if self.type == TPM_ALG_RSA:
+                e = self.rsa_exponent or 65537
+                return rsa.RSAPublicNumbers(e, int.from_bytes(self.unique, "big")).public_key()
+            if self.type == TPM_ALG_ECC and self.curve in _CURVES:
+                return ec.EllipticCurvePublicNumbers(
+                    int.from_bytes(self.ecc_x, "big"), int.from_bytes(self.ecc_y, "big"),
+                    _CURVES[self.curve]()).public_key()
+        except ValueError as e:  # a point not on the curve, a silly modulus
+            raise CredentialError(f"public area holds no valid key: {e}") from None
+        raise CredentialError(f"no public key for object type 0x{self.type:04x} "
+                              f"curve 0x{self.curve:04x}")
+
+
+def parse_public(tpmt_public: bytes, error: type[Exception] = CredentialError) -> TpmPublic:
+    """Parse a whole marshalled TPMT_PUBLIC (Part 2 §12.2.4); nothing may be left over."""
+    r = TpmReader(tpmt_public, "TPMT_PUBLIC", error)
+    typ, name_alg, attrs = r.u16("type"), r.u16("nameAlg"), r.u32("objectAttributes")
+    policy = r.tpm2b("authPolicy", 64)
+    sym_alg = sym_bits = 0
+    if typ in (TPM_ALG_RSA, TPM_ALG_ECC):
+        sym_alg = r.u16("symmetric.algorithm")
+        if sym_alg == TPM_ALG_XOR:
+            raise error("TPMT_PUBLIC: XOR is not a parent's symmetric algorithm")
+        if sym_alg != TPM_ALG_NULL:
+            sym_bits = r.u16("symmetric.keyBits")
+            r.u16("symmetric.mode")
+    scheme = r.u16("scheme")
+    scheme_hash = 0
+    if scheme in _SCHEMES_WITH_HASH or scheme == TPM_ALG_XOR:
+        scheme_hash = r.u16("scheme.hashAlg")
+        if scheme in (TPM_ALG_ECDAA, TPM_ALG_XOR):
+            r.u16("scheme.count/kdf")
+    elif scheme not in (TPM_ALG_NULL, 0x0015):  # 0x0015 RSAES has no details
+        raise error(f"TPMT_PUBLIC: unknown scheme 0x{scheme:04x}")
+    if typ == TPM_ALG_RSA:
+        bits, exponent = r.u16("keyBits"), r.u32("exponent")
+        n = r.tpm2b("unique.rsa", 512)
+        r.end()
+        return TpmPublic(typ, name_alg, attrs, policy, sym_alg, sym_bits, scheme, scheme_hash,
+                         rsa_bits=bits, rsa_exponent=exponent, unique=n)
+    if typ == TPM_ALG_ECC:
+        curve = r.u16("curveID")
+        if r.u16("kdf.scheme") != TPM_ALG_NULL:
+            r.u16("kdf.hashAlg")
+        x, y = r.tpm2b("unique.ecc.x", 128), r.tpm2b("unique.ecc.y", 128)
+        r.end()
+        return TpmPublic(typ, name_alg, attrs, policy, sym_alg, sym_bits, scheme, scheme_hash,
+                         curve=curve, ecc_x=x, ecc_y=y)
+    if typ == TPM_ALG_KEYEDHASH:
+        unique = r.tpm2b("unique.keyedHash", 64)
+        r.end()
+        return TpmPublic(typ, name_alg, attrs, policy, 0, 0, scheme, scheme_hash, unique=unique)
+    raise error(f"TPMT_PUBLIC: unsupported object type 0x{typ:04x}")
+
+
 def name_of_public(tpmt_public: bytes) -> bytes:
     """The TPM name of an object: nameAlg (u16) || H_nameAlg(TPMT_PUBLIC)."""
     hdr = parse_public_header(tpmt_public)
