@@ -204,12 +204,17 @@ async def test_agent_onboards_over_edhoc_oscore(fleet):
     from zerotouch.transport.coap.client import CoapDeviceTransport
     from zerotouch.transport.coap.server import start_coap_server
 
-    server_id, device = EdhocIdentity.generate("owner"), EdhocIdentity.generate("device")
+    from zerotouch.pki.keys import load_private_key
+
+    server_id = EdhocIdentity.generate("owner")
+    known = KnownDevices()
     server = await start_coap_server(fleet.rendezvous, fleet.gateway, bind=(HOST, 0),
-                                     edhoc_identity=server_id,
-                                     edhoc_known=KnownDevices([device.fingerprint]))
+                                     edhoc_identity=server_id, edhoc_known=known)
     try:
         dev = await fleet.make(claim=False)
+        # The device's EDHOC key is its IDevID key (binding.py: channel identity = message identity).
+        device = EdhocIdentity(load_private_key(dev.device_dir / "idevid.key"), dev.serial)
+        known.add(device.fingerprint)
         await fleet.rendezvous.claim(otp_hex=dev.label.otp, devid_hex=dev.label.devid, cip=HOST,
                                      cport=server.port, cfingerprint=fleet.owner_fp_hex)
         # A device pinning another key refuses the server before sending anything.

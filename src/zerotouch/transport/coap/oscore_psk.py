@@ -258,11 +258,11 @@ async def start_oscore_psk_server(rendezvous=None, gateway=None, *, store: PskCo
                                   bind: tuple[str, int] = ("127.0.0.1", 5683),
                                   max_size: int = MAX_PAYLOAD,
                                   unprotected_paths: Iterable[tuple[str, ...]] = UNPROTECTED_PATHS,
-                                  rate_limit=None) -> CoapServer:
+                                  rate_limit=None, channel_binding: bool = True) -> CoapServer:
     """Like `start_coap_server` over UDP, every endpoint behind OSCORE with PSK contexts."""
     if rendezvous is None and gateway is None:
         raise ValueError("serve at least one of rendezvous and gateway")
-    inner = build_site(rendezvous, gateway, max_size=max_size)
+    inner = build_site(rendezvous, gateway, max_size=max_size, channel_binding=channel_binding)
     site = ProtectedOnlySite(inner, store, unprotected_paths=unprotected_paths)
     limited = rate_limited(site, rate_limit)
     host, port = bind

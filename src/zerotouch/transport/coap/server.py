@@ -26,6 +26,7 @@ from aiocoap.numbers import codes
 
 from ...protocol.errors import MessageTooLarge, ProtocolError
 from ...protocol.messages import ErrorReply
+from .binding import ChannelBinding, channel_peer
 from .common import ACCEPTED_CF, CBOR_CF, MAX_PAYLOAD, PATHS, code_for_status
 
 log = logging.getLogger("zerotouch.coap")
@@ -86,10 +87,15 @@ def _key(req):
 class CborEndpoint(resource.Resource):
     """One POST endpoint: CBOR bytes in, CBOR bytes out, errors → codes."""
 
-    def __init__(self, fn: Handler, *, max_size: int = MAX_PAYLOAD, name: str = ""):
+    def __init__(self, fn: Handler, *, max_size: int = MAX_PAYLOAD, name: str = "",
+                 step: str = "", binding: ChannelBinding | None = None):
         super().__init__()
         self._fn = fn
         self._name = name
+        self._step = step
+        # Under a device-bound OSCORE context (PSK or EDHOC) the message must be that device's
+        # (binding.py); build_site always gives one, a bare endpoint checks nothing.
+        self._binding = binding
         self.max_size = max_size
         self._block1 = _BoundedBlock1Spool(max_size)
         self.requests = 0
@@ -103,7 +109,12 @@ class CborEndpoint(resource.Resource):
                                     status=415, code="media_type")
             if len(request.payload) > self.max_size:
                 raise MessageTooLarge(f"request body exceeds {self.max_size} bytes")
-            body = await self._fn(bytes(request.payload))
+            payload = bytes(request.payload)
+            peer = channel_peer(request) if self._binding is not None else None
+            kid = self._binding.check(self._step, payload, peer) if peer is not None else None
+            body = await self._fn(payload)
+            if peer is not None:
+                self._binding.accepted(peer, kid)
         except ProtocolError as exc:
             log.info("CoAP POST %s -> %s %s", self._name, exc.status, exc.code)
             return error_message(exc)
@@ -113,15 +124,21 @@ class CborEndpoint(resource.Resource):
         return aiocoap.Message(code=codes.CHANGED, payload=body, content_format=CBOR_CF)
 
 
-def build_site(rendezvous=None, gateway=None, *, max_size: int = MAX_PAYLOAD) -> resource.Site:
+def build_site(rendezvous=None, gateway=None, *, max_size: int = MAX_PAYLOAD,
+               channel_binding: bool = True) -> resource.Site:
+    """The protocol endpoints. `channel_binding=False` only for tests of the OSCORE layer
+    with stand-in services (bodies that are not protocol messages)."""
     site = resource.Site()
+    binding = ChannelBinding() if channel_binding else None
     if rendezvous is not None:
         site.add_resource(PATHS["find-owner"], CborEndpoint(rendezvous.find_owner, max_size=max_size,
-                                                            name="/rv/find-owner"))
+                                                            name="/rv/find-owner", step="find-owner",
+                                                            binding=binding))
     if gateway is not None:
         for step in ("hello", "prove", "done"):
             site.add_resource(PATHS[step], CborEndpoint(getattr(gateway, step), max_size=max_size,
-                                                        name=f"/zt/{step}"))
+                                                        name=f"/zt/{step}", step=step,
+                                                        binding=binding))
     # RFC 6690 resource discovery: GET /.well-known/core lists the endpoints above.
     site.add_resource((".well-known", "core"),
                       resource.WKCResource(site.get_resources_as_linkheader, impl_info=None))
@@ -189,7 +206,8 @@ async def start_coap_server(rendezvous=None, gateway=None, *, bind: tuple[str, i
             raise ValueError("EDHOC + OSCORE runs over UDP; drop ssl_context")
         from .edhoc import KnownDevices, start_edhoc_coap_server
         return await start_edhoc_coap_server(site, identity=edhoc_identity,
-                                             known=edhoc_known or KnownDevices(), bind=bind,
+                                             known=edhoc_known if edhoc_known is not None else KnownDevices(),
+                                             bind=bind,
                                              protected=edhoc_protected, rate_limit=rate_limit)
     limited = rate_limited(site, rate_limit)
     outer = limited or site
