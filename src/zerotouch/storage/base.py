@@ -21,7 +21,8 @@ class RvDeviceRecord:
     created_at: float = 0.0
     claimed_at: float | None = None
     registered_at: float | None = None
-    failed_claims: int = 0
+    failed_claims: int = 0            # wrong OTPs in the window that began at failed_since
+    failed_since: float | None = None
 
 
 @dataclass
@@ -57,7 +58,18 @@ class RendezvousRepo(Protocol):
         """Map a not-mapped device; False if it was already mapped (atomic)."""
     async def set_status(self, serial: str, old: RendezvousStatus, new: RendezvousStatus,
                          now: float) -> bool: ...
-    async def note_failed_claim(self, serial: str) -> None: ...
+    async def note_failed_claim(self, serial: str, now: float | None = None,
+                                window: float | None = None) -> None:
+        """Count a wrong OTP for the device (atomically, no lost updates). With `window`, a
+        count whose window began `window` seconds or more before `now` restarts at 1 from `now`;
+        without, it only grows. `now` defaults to the wall clock."""
+    async def source_failures(self, source: str) -> tuple[int, float] | None:
+        """(failures, window start) recorded for a source address; None if none."""
+    async def note_source_failure(self, source: str, now: float, window: float) -> int:
+        """Count a failed guess from `source` in its fixed window (restarted at `now` when it
+        began `window` seconds or more before); returns the count (atomic across replicas)."""
+    async def prune_source_failures(self, before: float) -> int:
+        """Forget sources whose window began before `before`; returns how many."""
     async def count_by_status(self) -> dict[str, int]: ...
 
 

@@ -19,6 +19,17 @@ rv_devices = Table(
     Column("claimed_at", Float),
     Column("registered_at", Float),
     Column("failed_claims", Integer, nullable=False, default=0),
+    Column("failed_since", Float),   # start of the current failure window (migration 0005)
+)
+
+# Failed OTP guesses per source address in a fixed window, shared by every rendezvous replica.
+# Counts only: no OTP, no device.
+rv_source_failures = Table(
+    "rv_source_failures", metadata,
+    Column("source", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_start", Float, nullable=False),
+    Index("ix_rv_source_failures_window_start", "window_start"),
 )
 
 gw_inventory = Table(

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
-from sqlalchemy import event, func, insert, select, update, delete
+from sqlalchemy import case, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -12,7 +13,7 @@ from ..protocol.errors import Conflict
 from ..protocol.states import InventoryState, RendezvousStatus, SessionState
 from .base import CertRecord, EnrollRequest, InventoryRecord, RvDeviceRecord, SessionRecord
 from .schema import (est_requests, gw_certificates, gw_inventory, gw_sessions, rv_devices,
-                     vault_secrets)
+                     rv_source_failures, vault_secrets)
 
 
 def engine_url(url: str) -> tuple[URL, dict]:
@@ -109,6 +110,15 @@ def make_engine(url: str):
     return engine
 
 
+def _upsert(engine):
+    """The dialect's INSERT with ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+    if engine.url.get_backend_name() == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    return upsert
+
+
 def _row(cls, row, **conv):
     data = dict(row._mapping)
     for k, fn in conv.items():
@@ -158,10 +168,43 @@ class SqlRendezvousRepo(_Repo):
                 rv_devices.c.serial == serial, rv_devices.c.status == old.value).values(**values))
         return res.rowcount == 1
 
-    async def note_failed_claim(self, serial: str) -> None:
+    async def note_failed_claim(self, serial: str, now: float | None = None,
+                                window: float | None = None) -> None:
+        now = time.time() if now is None else now
+        d = rv_devices.c
+        if window is None:
+            values = {"failed_claims": d.failed_claims + 1,
+                      "failed_since": func.coalesce(d.failed_since, now)}
+        else:  # one statement: every SET sees the old row, so this is atomic on both databases
+            expired = or_(d.failed_since.is_(None), d.failed_since <= now - window)
+            values = {"failed_claims": case((expired, 1), else_=d.failed_claims + 1),
+                      "failed_since": case((expired, now), else_=d.failed_since)}
         async with self.r.begin() as c:
-            await c.execute(update(rv_devices).where(rv_devices.c.serial == serial)
-                            .values(failed_claims=rv_devices.c.failed_claims + 1))
+            await c.execute(update(rv_devices).where(d.serial == serial).values(**values))
+
+    async def source_failures(self, source: str) -> tuple[int, float] | None:
+        t = rv_source_failures.c
+        async with self.r.connect() as c:
+            row = (await c.execute(select(t.failures, t.window_start)
+                                   .where(t.source == source))).first()
+        return (row[0], row[1]) if row else None
+
+    async def note_source_failure(self, source: str, now: float, window: float) -> int:
+        upsert = _upsert(self.e)
+        stmt = upsert(rv_source_failures).values(source=source, failures=1, window_start=now)
+        t = rv_source_failures.c
+        expired = t.window_start <= now - window
+        stmt = stmt.on_conflict_do_update(index_elements=["source"], set_={
+            "failures": case((expired, 1), else_=t.failures + 1),
+            "window_start": case((expired, now), else_=t.window_start)}).returning(t.failures)
+        async with self.r.begin() as c:
+            return (await c.execute(stmt)).scalar_one()
+
+    async def prune_source_failures(self, before: float) -> int:
+        async with self.r.begin() as c:
+            res = await c.execute(delete(rv_source_failures)
+                                  .where(rv_source_failures.c.window_start < before))
+        return res.rowcount
 
     async def count_by_status(self) -> dict[str, int]:
         async with self.r.connect() as c:
