@@ -125,6 +125,36 @@ async def test_rendezvous_failed_claims_count_without_lost_updates(store):
     assert await store.rendezvous.get("00000000") is None
 
 
+async def test_rendezvous_failed_claims_window_restarts_after_it_ends(store):
+    await store.rendezvous.add(rv_record())
+    for i in range(3):
+        await store.rendezvous.note_failed_claim("0a1b2c3d", NOW + i, 600.0)
+    got = await store.rendezvous.get("0a1b2c3d")
+    assert (got.failed_claims, got.failed_since) == (3, NOW)
+    await asyncio.gather(*[store.rendezvous.note_failed_claim("0a1b2c3d", NOW + 599, 600.0)
+                           for _ in range(10)])            # inside the window: no lost updates
+    assert (await store.rendezvous.get("0a1b2c3d")).failed_claims == 13
+    await store.rendezvous.note_failed_claim("0a1b2c3d", NOW + 600, 600.0)   # window over
+    got = await store.rendezvous.get("0a1b2c3d")
+    assert (got.failed_claims, got.failed_since) == (1, NOW + 600)
+
+
+async def test_rendezvous_source_failures_are_shared_counts_in_a_window(store):
+    assert await store.rendezvous.source_failures("203.0.113.7") is None
+    counts = await asyncio.gather(*[store.rendezvous.note_source_failure("203.0.113.7", NOW, 600.0)
+                                    for _ in range(10)])
+    assert sorted(counts) == list(range(1, 11))          # atomic: every caller saw its own count
+    assert await store.rendezvous.source_failures("203.0.113.7") == (10, NOW)
+    assert await store.rendezvous.note_source_failure("2001:db8::/64", NOW + 1, 600.0) == 1
+    # the window restarts once it is over
+    assert await store.rendezvous.note_source_failure("203.0.113.7", NOW + 600, 600.0) == 1
+    assert await store.rendezvous.source_failures("203.0.113.7") == (1, NOW + 600)
+    # pruning forgets windows that began before the cut-off, keeps the others
+    assert await store.rendezvous.prune_source_failures(NOW + 300) == 1
+    assert await store.rendezvous.source_failures("2001:db8::/64") is None
+    assert await store.rendezvous.source_failures("203.0.113.7") == (1, NOW + 600)
+
+
 async def test_rendezvous_count_by_status(store):
     assert await store.rendezvous.count_by_status() == {}
     for i, status in enumerate([RendezvousStatus.NOT_MAPPED, RendezvousStatus.NOT_MAPPED,

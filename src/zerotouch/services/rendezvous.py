@@ -27,7 +27,7 @@ from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import RendezvousRepo, RvDeviceRecord
 
 HEX_RE = re.compile(r"[0-9a-fA-F]+")
-MAX_FAILED_CLAIMS = 10  # wrong OTPs per device before claims are refused (guessing)
+MAX_FAILED_CLAIMS = 10  # wrong OTPs per device per window before claims are refused
 STATUS_QUERY_TYPE = "zt-rv-status-query/1"  # payload marker: this signature is only a status query
 MAX_STATUS_QUERY = 1000                     # serials per owner status query
 
@@ -38,51 +38,67 @@ class RendezvousConfig:
     redirect_ttl: int = 300
     retry_after: int = 5
     clock: Callable[[], float] = time.time
-    # Failed OTP guesses (wrong OTP or unknown devid) per source address: a token bucket of
-    # `source_failures` tokens refilled over `source_window` seconds. Kept in this process
-    # (each replica limits on its own); the per-device count is in the database.
+    # Failed OTP guesses (wrong OTP or unknown devid) per source address (an IPv6 address by
+    # its /64): `source_failures` per fixed window of `source_window` seconds. Counted in the
+    # database, so every replica on it shares the budget; only counts are stored.
     source_failures: int = 10
     source_window: float = 600.0
-    max_sources: int = 100_000
+    # Wrong OTPs per device: `device_failures` per window of `device_window` seconds lock the
+    # device's claims and status until the window ends (429 + Retry-After).
+    device_failures: int = MAX_FAILED_CLAIMS
+    device_window: float = 3600.0
+    prune_every: int = 256    # failures noted by this process between sweeps of ended windows
+
+
+def source_key(source: str) -> str:
+    """The key a source address is limited by: an IPv4 address as is, an IPv6 address by its
+    /64 (one subscriber's prefix: rotating addresses inside it gains nothing)."""
+    try:
+        ip = ipaddress.ip_address(source.strip().split("%")[0])
+    except ValueError:
+        return source.strip()[:64]
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _retry_after(window_start: float, window: float, now: float) -> int:
+    return max(1, math.ceil(window_start + window - now))
 
 
 class SourceLimiter:
-    """Token bucket per source address, spent only by failures: an installer who types the
-    right OTPs is never slowed, a guesser gets 429 + Retry-After after `capacity` misses."""
+    """Failed guesses per source address, counted in the database in fixed windows: an
+    installer who types the right OTPs is never slowed (one indexed read), a guesser gets
+    429 + Retry-After after `source_failures` misses until the window ends, on every replica."""
 
-    def __init__(self, capacity: int, window: float, clock: Callable[[], float], max_sources: int):
-        self.capacity = float(capacity)
-        self.rate = capacity / window          # tokens per second
-        self.clock = clock
-        self.max_sources = max_sources
-        self._buckets: dict[str, tuple[float, float]] = {}   # source -> (tokens, last update)
+    def __init__(self, repo: RendezvousRepo, config: "RendezvousConfig"):
+        self.repo = repo
+        self.cfg = config
+        self._noted = 0
 
-    def _tokens(self, source: str, now: float) -> float:
-        tokens, last = self._buckets.get(source, (self.capacity, now))
-        return min(self.capacity, tokens + (now - last) * self.rate)
-
-    def check(self, source: str | None) -> None:
+    async def check(self, source: str | None) -> None:
         if source is None:
             return
-        now = self.clock()
-        tokens = self._tokens(source, now)
-        if tokens < 1.0:
-            wait = max(1, math.ceil((1.0 - tokens) / self.rate))
+        got = await self.repo.source_failures(source_key(source))
+        if got is None:
+            return
+        failures, start = got
+        now = self.cfg.clock()
+        if failures >= self.cfg.source_failures and start > now - self.cfg.source_window:
             raise ProtocolError("too many wrong OTPs from this address; try again later",
-                                status=429, code="rate_limited", retry_after=wait)
+                                status=429, code="rate_limited",
+                                retry_after=_retry_after(start, self.cfg.source_window, now))
 
-    def failed(self, source: str | None) -> None:
+    async def failed(self, source: str | None) -> None:
         if source is None:
             return
-        now = self.clock()
-        tokens = self._tokens(source, now) - 1.0
-        if source not in self._buckets and len(self._buckets) >= self.max_sources:
-            # bounded memory: forget sources whose buckets have refilled
-            for k in [k for k in self._buckets if self._tokens(k, now) >= self.capacity]:
-                del self._buckets[k]
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.pop(next(iter(self._buckets)))
-        self._buckets[source] = (tokens, now)
+        now = self.cfg.clock()
+        await self.repo.note_source_failure(source_key(source), now, self.cfg.source_window)
+        self._noted += 1
+        if self._noted % self.cfg.prune_every == 0:  # bounded table: forget ended windows
+            await self.repo.prune_source_failures(now - self.cfg.source_window)
 
 
 @dataclass
@@ -129,8 +145,7 @@ class RendezvousService:
         self.signer = signer
         self.cfg = config
         self._ca_fps = {cert_fingerprint(c) for c in config.manufacturer_cas}
-        self.limiter = SourceLimiter(config.source_failures, config.source_window, config.clock,
-                                     config.max_sources)
+        self.limiter = SourceLimiter(repo, config)
 
     @property
     def public_key(self):
@@ -179,19 +194,22 @@ class RendezvousService:
         return self._claim_result(await self._check_otp(serial, otp, source))
 
     async def _check_otp(self, serial: str, otp: bytes, source: str | None = None) -> RvDeviceRecord:
-        self.limiter.check(source)
+        await self.limiter.check(source)
         rec = await self.repo.get(serial)
         if rec is None:
-            self.limiter.failed(source)  # probing devids is guessing too
+            await self.limiter.failed(source)  # probing devids is guessing too
             raise NotFound("no device with this devid is registered here")
-        if rec.failed_claims >= MAX_FAILED_CLAIMS:
-            # Per device, in the database (so every replica sees it). The count has no time
-            # stamp in the schema, so this lock is permanent, not a sliding window.
-            raise ProtocolError("too many wrong OTPs for this device; ask the manufacturer",
-                                status=429, code="locked")
+        now, window = self.cfg.clock(), self.cfg.device_window
+        # Per device, in the database (every replica sees it). A count from before migration
+        # 0005 has no window start: its window ended long ago.
+        if (rec.failed_claims >= self.cfg.device_failures and rec.failed_since is not None
+                and rec.failed_since > now - window):
+            raise ProtocolError("too many wrong OTPs for this device; try again later",
+                                status=429, code="locked",
+                                retry_after=_retry_after(rec.failed_since, window, now))
         if not check_otp(otp, rec.otp_salt, rec.otp_hash):
-            self.limiter.failed(source)
-            await self.repo.note_failed_claim(serial)
+            await self.limiter.failed(source)
+            await self.repo.note_failed_claim(serial, now, window)
             raise NotAuthorized("the OTP does not match this device")
         return rec
 
