@@ -2,13 +2,18 @@
 
 What is here (the foundation of issue 3):
   * open an ESAPI context on a TCTI string (``swtpm:host=127.0.0.1,port=2321``, ``device:/dev/tpmrm0``);
-  * the endorsement key (EK) re-created from the TCG EK profile default template, and its
-    certificate read from NV (RSA 2048: 0x01c00002, ECC P-256: 0x01c0000a);
-  * an attestation key (AK): restricted ECDSA P-256 signing key, child of the EK;
+  * the endorsement key (EK): the persistent one at 0x81010001 when it matches the TCG EK profile
+    default template (no CreatePrimary per connection: that costs 40-60 ms on swtpm), else
+    re-created from that template; its certificate read from NV (RSA 2048: 0x01c00002,
+    ECC P-256: 0x01c0000a);
+  * an attestation key (AK): restricted ECDSA P-256 signing key, child of the EK; once
+    provisioned (keys.provision) it is persistent at 0x81010002 (``Tpm.ak_handle()``);
   * TPM2_ActivateCredential for a (credentialBlob, encryptedSecret) made by the server
     (``zerotouch.attestation.credential.make_credential``);
   * hygiene: every transient object and session this module creates is flushed; ``close()``
     leaves the TPM with the transient handles it found.
+
+Persistent handles and NV indices are listed in keys.py, which provisions them.
 
 Public values cross the boundary as plain bytes: the AK public area is a marshalled TPMT_PUBLIC,
 its private part a marshalled TPM2B_PRIVATE (encrypted by the TPM, only loadable in this TPM).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from tpm2_pytss import ESAPI
@@ -33,6 +39,8 @@ from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 # TCG EK profile low-range templates with policy A (PolicySecret(TPM_RH_ENDORSEMENT)).
 EK_TYPES = ("EK-ECC256", "EK-RSA2048")
 EK_CERT_INDEX = {"EK-RSA2048": 0x01C00002, "EK-ECC256": 0x01C0000A}
+EK_PERSISTENT = 0x81010001   # seed 003 table; swtpm_setup already persists its RSA EK here
+AK_PERSISTENT = 0x81010002   # chosen by the lead; NB the TCG EK profile reserves it for an ECC EK
 
 
 class TpmError(RuntimeError):
@@ -63,6 +71,36 @@ def _ak_template() -> TPM2B_PUBLIC:
             kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)))))
 
 
+def _template_matches(have: TPMT_PUBLIC, want: TPMT_PUBLIC) -> bool:
+    """Same key template (type, nameAlg, attributes, policy, parameters), unique ignored."""
+    return (have.type == want.type and have.nameAlg == want.nameAlg
+            and have.objectAttributes == want.objectAttributes
+            and bytes(have.authPolicy) == bytes(want.authPolicy)
+            and have.parameters.marshal(have.type) == want.parameters.marshal(want.type))
+
+
+class _CountingESAPI:
+    """Counts the TPM commands issued through an ESAPI context (``Tpm.commands``), so tests
+    and benchmarks can say what each operation costs. ``tr_*``/``trsess_*`` are ESAPI
+    bookkeeping, except tr_from_tpmpublic, which sends ReadPublic."""
+
+    _LOCAL = ("tr_", "trsess_", "get_tcti", "close", "load_blob")
+
+    def __init__(self, ctx: ESAPI, counts: Counter):
+        self._ctx, self._counts = ctx, counts
+
+    def __getattr__(self, name):
+        attr = getattr(self._ctx, name)
+        if not callable(attr) or (name.startswith(self._LOCAL) and name != "tr_from_tpmpublic"):
+            return attr
+        counts = self._counts
+
+        def counted(*a, **kw):
+            counts[name] += 1
+            return attr(*a, **kw)
+        return counted
+
+
 class Tpm:
     """One ESAPI connection. Use as a context manager, or call ``close()``."""
 
@@ -76,8 +114,13 @@ class Tpm:
         self._ek: ESYS_TR | None = None
         self._ek_public: TPM2B_PUBLIC | None = None
         self._ek_cert: bytes | None = None
+        self._ek_persistent = False
+        self._ak: ESYS_TR | None = None
+        self._persistent: dict[int, ESYS_TR] = {}
         self._loaded: list[ESYS_TR] = []
         self.timings: dict[str, list[float]] = {}
+        self.commands: Counter = Counter()   # TPM commands sent, by ESAPI method name
+        self._counting = _CountingESAPI(self._ctx, self.commands)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Tpm":
@@ -96,14 +139,16 @@ class Tpm:
                     ctx.flush_context(h)
         finally:
             self._loaded.clear()
-            self._ek = None
+            self._ek = self._ak = None
+            self._ek_persistent = False
+            self._persistent.clear()
             ctx.close()
 
     @property
     def ctx(self) -> ESAPI:
         if self._ctx is None:
             raise TpmError("TPM connection is closed")
-        return self._ctx
+        return self._counting
 
     @contextlib.contextmanager
     def _timed(self, op: str):
@@ -177,9 +222,43 @@ class Tpm:
                 return t
         return "EK-RSA2048"
 
+    def persistent_public(self, handle: int) -> tuple[ESYS_TR, TPMT_PUBLIC] | None:
+        """(ESYS_TR, public area) of the persistent object at ``handle``, or None."""
+        if handle not in self._handles(TPM2_HT.PERSISTENT):
+            return None
+        tr = self.ctx.tr_from_tpmpublic(handle)
+        pub, _, _ = self.ctx.read_public(tr)
+        return tr, pub.publicArea
+
+    def _persistent_ek(self) -> bool:
+        """Use the persistent EK when it has the default template of the wanted EK type."""
+        found = self.persistent_public(EK_PERSISTENT)
+        if found is None:
+            return False
+        tr, pub = found
+        kind = {TPM2_ALG.RSA: "EK-RSA2048", TPM2_ALG.ECC: "EK-ECC256"}.get(pub.type)
+        if kind is None or self._ek_type not in ("auto", kind):
+            self.ctx.tr_close(tr)
+            return False
+
+        def no_nv(index):  # the default template; an NV-provided one falls back to CreatePrimary
+            raise NoSuchIndex(index)
+        _, want = create_ek_template(kind, no_nv)
+        if not _template_matches(pub, want.publicArea):
+            self.ctx.tr_close(tr)
+            return False
+        self._ek, self._ek_type, self._ek_persistent = tr, kind, True
+        self._persistent[EK_PERSISTENT] = tr
+        self._ek_public, self._ek_cert = TPM2B_PUBLIC(publicArea=pub), None
+        return True
+
     def ek(self) -> ESYS_TR:
-        """The EK, created (once per connection) from the TCG default template."""
+        """The EK: the persistent one at 0x81010001 if it has the TCG default template (its
+        certificate is read from NV only when asked for), else created once per connection."""
         if self._ek is None:
+            with self._timed("ek_persistent"):
+                if self._persistent_ek():
+                    return self._ek
             self._ek_type = self._choose_ek_type()
             with self._timed("ek_create"):
                 cert, template = create_ek_template(self._ek_type, self._nv_reader())
@@ -192,6 +271,58 @@ class Tpm:
             self._ek, self._ek_public, self._ek_cert = h, pub, cert
         return self._ek
 
+    def persist_ek(self) -> None:
+        """Make the current EK persistent at 0x81010001 (provisioning), if it is not yet."""
+        if self.ek_is_persistent:
+            return
+        cert = self.ek_certificate()
+        self._ek = self.persist(self._ek, EK_PERSISTENT, hierarchy=ESYS_TR.OWNER)
+        self._ek_persistent, self._ek_cert = True, cert or b""
+
+    @property
+    def ek_is_persistent(self) -> bool:
+        self.ek()
+        return self._ek_persistent
+
+    def ak_handle(self) -> ESYS_TR:
+        """The provisioned AK, persistent at 0x81010002 (see keys.provision)."""
+        if self._ak is None:
+            self._ak = self.persistent_handle(AK_PERSISTENT)
+        return self._ak
+
+    # -- persistent objects ------------------------------------------------------------------
+    def persistent_handle(self, handle: int) -> ESYS_TR:
+        """ESYS_TR of a persistent object (one ReadPublic the first time per connection)."""
+        if handle not in self._persistent:
+            try:
+                self._persistent[handle] = self.ctx.tr_from_tpmpublic(handle)
+            except TSS2_Exception as e:
+                raise TpmError(f"no persistent object at {handle:#x}: TPM not provisioned "
+                               f"({e})") from e
+        return self._persistent[handle]
+
+    def persist(self, transient: ESYS_TR, handle: int, *, hierarchy=ESYS_TR.OWNER) -> ESYS_TR:
+        """EvictControl a loaded object to ``handle`` and flush the transient copy."""
+        try:
+            tr = self.ctx.evict_control(hierarchy, transient, handle)
+        except TSS2_Exception as e:
+            raise TpmError(f"EvictControl to {handle:#x} failed: {e}") from e
+        self._flush(transient)
+        self._persistent[handle] = tr
+        return tr
+
+    def evict(self, handle: int) -> None:
+        """Remove the persistent object at ``handle`` (no-op when there is none)."""
+        if handle not in self._handles(TPM2_HT.PERSISTENT):
+            return
+        tr = self.persistent_handle(handle)
+        self.ctx.evict_control(ESYS_TR.OWNER, tr, handle)  # ESYS invalidates tr
+        self._persistent.pop(handle, None)
+        if self._ek == tr:
+            self._ek, self._ek_persistent = None, False
+        if self._ak == tr:
+            self._ak = None
+
     @property
     def ek_type(self) -> str:
         self.ek()
@@ -200,6 +331,12 @@ class Tpm:
     def ek_certificate(self) -> bytes | None:
         """The EK certificate (DER) from NV, or None when the TPM has none for this EK type."""
         self.ek()
+        if self._ek_persistent and self._ek_cert is None:
+            reader = self._nv_reader()
+            try:
+                self._ek_cert = reader(EK_CERT_INDEX[self._ek_type])
+            except NoSuchIndex:
+                self._ek_cert = b""
         return bytes(self._ek_cert) if self._ek_cert else None
 
     def ek_public(self) -> bytes:
