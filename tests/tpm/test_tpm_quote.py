@@ -140,3 +140,41 @@ def test_quotes_leave_no_sessions_and_timings(device):
     t = {k: sorted(v)[len(v) // 2] for k, v in device.tpm.timings.items()}
     print(f"\nquote on swtpm: median {t['quote']:.1f} ms, read 8 PCRs {t['pcr_read']:.1f} ms")
     assert struct.unpack(">I", attest[:4])[0] == 0xFF544347
+
+
+def test_command_count(swtpm):
+    """One TPM command per quote; PCR_Read returns 8 values per call."""
+    from tpm2_pytss.TCTI import PyTCTI
+    from tpm2_pytss.TCTILdr import TCTILdr
+
+    class CountingTcti(PyTCTI):
+        def __init__(self, conf: str):
+            super().__init__()
+            self.inner, self.codes = TCTILdr("swtpm", conf), []
+
+        def do_transmit(self, command: bytes) -> None:
+            self.codes.append(struct.unpack(">I", command[6:10])[0])
+            self.inner.transmit(command)
+
+        def do_receive(self, timeout: int) -> bytes:
+            return self.inner.receive(timeout)
+
+    tcti = CountingTcti(swtpm.tcti.split(":", 1)[1])
+    d = Device.__new__(Device)
+    d.tpm = Tpm(tcti)
+    try:
+        d.ak = d.tpm.create_ak()
+        d.handle = d.tpm.load_ak(d.ak)
+        # the first DA-protected use after a TPM start may get TPM_RC_RETRY, resent by ESAPI
+        quote(d.tpm, d.handle, os.urandom(32), DEFAULT_PCRS)
+        tcti.codes.clear()
+        quote(d.tpm, d.handle, os.urandom(32), DEFAULT_PCRS)
+        assert tcti.codes == [0x158]  # TPM2_Quote
+        tcti.codes.clear()
+        read_pcrs(d.tpm, DEFAULT_PCRS)
+        assert tcti.codes == [0x17E]  # one PCR_Read for 8 PCRs
+        tcti.codes.clear()
+        read_pcrs(d.tpm, range(24))
+        assert tcti.codes == [0x17E] * 3
+    finally:
+        d.tpm.close()

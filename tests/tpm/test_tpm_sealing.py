@@ -105,3 +105,32 @@ def test_fifty_rounds_leak_no_handles(swtpm):
               f"seal_to_tpm in Python: median {sorted(seal_ms)[25]:.2f} ms")
     with Tpm(swtpm.tcti) as tpm:  # a new connection finds nothing left behind
         assert tpm.transient_handles() == [] and tpm.session_handles() == []
+
+
+def test_command_count(swtpm):
+    """The commands one secret costs, counted by a TCTI that forwards to swtpm."""
+    import struct as _struct
+
+    from tpm2_pytss.TCTI import PyTCTI
+    from tpm2_pytss.TCTILdr import TCTILdr
+
+    class CountingTcti(PyTCTI):
+        def __init__(self, conf: str):
+            super().__init__()
+            self.inner, self.codes = TCTILdr("swtpm", conf), []
+
+        def do_transmit(self, command: bytes) -> None:
+            self.codes.append(_struct.unpack(">I", command[6:10])[0])
+            self.inner.transmit(command)
+
+        def do_receive(self, timeout: int) -> bytes:
+            return self.inner.receive(timeout)
+
+    tcti = CountingTcti(swtpm.tcti.split(":", 1)[1])
+    with Tpm(tcti) as tpm:
+        ek = _ek_from_certificate(tpm)
+        unseal_imported(tpm, seal_to_tpm(ek, b"warm-up"))  # first Unseal may see TPM_RC_RETRY
+        tcti.codes.clear()
+        assert unseal_imported(tpm, seal_to_tpm(ek, b"counted")) == b"counted"
+        # StartAuthSession, PolicySecret, Import, PolicySecret, Load, Flush, Unseal, Flush
+        assert tcti.codes == [0x176, 0x151, 0x156, 0x151, 0x157, 0x165, 0x15E, 0x165]

@@ -8,8 +8,10 @@ is reset after each use and PolicySecret is simply satisfied again (saves a Star
 and a FlushContext per secret). The sealed object itself has an empty authValue: a password
 session opens it. Nothing loaded here survives the call, on success or failure.
 
-TPM commands per secret (the EK already created on this connection): StartAuthSession,
-PolicySecret, Import, PolicySecret, Load, Unseal, FlushContext(object), FlushContext(session).
+TPM commands per secret, 8 (counted on swtpm, the EK already loaded on this connection):
+StartAuthSession, PolicySecret, Import, PolicySecret, Load, FlushContext(session), Unseal,
+FlushContext(object). The first DA-protected Unseal after a TPM start may be answered
+TPM_RC_RETRY (the TPM first clears its orderly state in NV); ESAPI resends it by itself.
 """
 from __future__ import annotations
 
