@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from .bench_led import add_bench_led_parser
 from .box import add_box_parser
 from .est import add_est_parser
 from .factory import add_factory_parser
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--db", help="database URL (default SQLite)")
     be.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+    add_bench_led_parser(bs)
 
     d = sub.add_parser("demo", help="a whole fleet end to end on loopback")
     d.add_argument("--devices", type=int, default=20)
