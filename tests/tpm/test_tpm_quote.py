@@ -178,3 +178,25 @@ def test_command_count(swtpm):
         assert tcti.codes == [0x17E] * 3
     finally:
         d.tpm.close()
+
+
+def test_read_pcrs_starts_over_when_a_pcr_changes_mid_read(device, monkeypatch):
+    """24 PCRs take 3 PCR_Read calls; a PCR extended between two of them bumps the
+    pcrUpdateCounter, and read_pcrs must not mix values from before and after."""
+    ctx = device.tpm.ctx
+    real_read = ctx.pcr_read
+    calls = []
+
+    def racing_read(selection, *args, **kw):
+        out = real_read(selection, *args, **kw)
+        calls.append(out[0])
+        if len(calls) == 1:  # firmware extends PCR 0 after our first batch (PCRs 0..7)
+            extend_pcr(device.tpm, 0, b"late measurement")
+        return out
+
+    before = read_pcrs(device.tpm, range(24))
+    monkeypatch.setattr(ctx, "pcr_read", racing_read)
+    values = read_pcrs(device.tpm, range(24))
+    monkeypatch.undo()
+    assert len(calls) == 2 + 3  # the first pass stops at its 2nd read, then a full re-read
+    assert values == read_pcrs(device.tpm, range(24)) and values[0] != before[0]

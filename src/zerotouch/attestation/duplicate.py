@@ -127,10 +127,7 @@ def sealed_data_sensitive(seed_value: bytes, data: bytes) -> bytes:
 
 def check_sealed_public(tpmt_public: bytes) -> None:
     """A public area is one this module makes: KEYEDHASH sealed data that Import accepts."""
-    try:
-        pub = parse_public(tpmt_public, ValueError)
-    except CredentialError as e:
-        raise ValueError(str(e)) from None
+    pub = parse_public(tpmt_public, ValueError)  # strict: truncated or trailing bytes refused
     if pub.type != TPM_ALG_KEYEDHASH or pub.scheme != TPM_ALG_NULL:
         raise ValueError("sealed secret: public area is not a KEYEDHASH sealed-data object")
     if pub.name_alg != TPM_ALG_SHA256 or len(pub.unique) != 32:
