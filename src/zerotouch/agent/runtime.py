@@ -56,13 +56,13 @@ class AgentReport:
     operational: str | None = None   # outcome of the operational-certificate step, when on
 
 
-def _http_transport(factory: dict):
+def _http_transport(factory: dict, **_options):
     return HttpDeviceTransport(rendezvous_ca_pem=factory.get("rendezvous_tls_ca_pem") or None)
 
 
-def _coap_transport(factory: dict):
-    from ..transport.coap.client import CoapDeviceTransport  # aiocoap only when asked for
-    return CoapDeviceTransport(rendezvous_ca_pem=factory.get("rendezvous_tls_ca_pem") or None)
+def _coap_transport(factory: dict, *, security: str = "none", device_dir=None):
+    from ..transport.coap.security import device_coap_transport  # aiocoap only when asked for
+    return device_coap_transport(factory, security=security, device_dir=device_dir)
 
 
 #: Device transports by name: each builds one from the device's factory.json.
@@ -72,13 +72,14 @@ DEVICE_TRANSPORTS: dict[str, Callable[[dict], object]] = {
 }
 
 
-def device_transport(name: str, factory: dict):
-    """The named device transport for a device (factory.json contents)."""
+def device_transport(name: str, factory: dict, **options):
+    """The named device transport for a device (factory.json contents; options such as the
+    CoAP `security` mode and the `device_dir`)."""
     try:
         make = DEVICE_TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown transport {name!r} (one of {', '.join(DEVICE_TRANSPORTS)})") from None
-    return make(factory)
+    return make(factory, **options)
 
 
 class Agent:
@@ -121,6 +122,8 @@ class Agent:
         redirect = core.receive_redirect(
             await t.find_owner(self.factory["rendezvous_url"], core.find_owner_request()))
         gw = redirect.gateway_url
+        if hasattr(t, "pin_gateway"):  # EDHOC: the gateway's key as the signed redirect names it
+            t.pin_gateway(gw, redirect.gateway_edhoc_fp)
         core.receive_challenge(await t.gateway(gw, "hello", core.hello_request()))
         self._check_gateway_tls(core)
         # Key generation and durable writes run off the event loop: a device's flash is slow,

@@ -31,10 +31,37 @@ def _run_server(coro) -> None:
     uvloop.run(coro)
 
 
-def _ready(name: str, url: str):
+def _ready(name: str, url: str, args=None):
     def cb():
         print(f"{name} listening on {url}", flush=True)
+        if args is not None and getattr(args, "coap", False):
+            from ..transport.coap.security import edhoc_fingerprint
+            extra = (f", EDHOC key {edhoc_fingerprint(args.dir)}" if args.coap_security == "edhoc" else "")
+            print(f"{name} CoAP ({args.coap_security}) on udp port {url.rsplit(':', 1)[1]}{extra}",
+                  flush=True)
     return cb
+
+
+def _coap_options(args) -> dict:
+    from ..transport.coap.ratelimit import RateLimit
+    return {"coap_security": args.coap_security,
+            "coap_rate": RateLimit(rate=args.coap_rate, burst=max(1.0, 2 * args.coap_rate),
+                                   handshake_rate=args.coap_handshake_rate,
+                                   handshake_burst=max(1.0, 2 * args.coap_handshake_rate))}
+
+
+def _add_coap_serve_options(sp) -> None:
+    from ..transport.coap.security import DEFAULT_MODE, MODES
+    sp.add_argument("--coap", action="store_true",
+                    help="also serve CoAP over UDP on the same port number (same process)")
+    sp.add_argument("--coap-security", choices=MODES, default=DEFAULT_MODE,
+                    help="CoAP protection: EDHOC+OSCORE (key in DIR/edhoc.key, the default), "
+                         "OSCORE with device PSKs (gateway only, DIR/psk.json), or none")
+    sp.add_argument("--coap-rate", type=float, default=200.0,
+                    help="CoAP requests per second per source address (burst 2x; 0 = no limit)")
+    sp.add_argument("--coap-handshake-rate", type=float, default=20.0,
+                    help="EDHOC handshakes per second per source address (burst 2x; 0 = no limit)")
+
 
 
 def cmd_manufacture(args) -> int:
@@ -59,12 +86,14 @@ def cmd_rendezvous(args) -> int:
         info = roles.init_rendezvous(args.dir, host=args.host, port=args.port,
                                      manufacturer_cas=args.manufacturer_ca, db=args.db,
                                      public_host=args.public_host)
-        print(f"rendezvous initialised in {args.dir}; devices get {Path(args.dir) / 'public.json'} ({info.url})")
+        print(f"rendezvous initialised in {args.dir}; devices get {Path(args.dir) / 'public.json'} ({info.url})"
+              f"\n  CoAP EDHOC key fingerprint: {info.edhoc_fingerprint}")
         return 0
     if args.action == "serve":
         cfg = json.loads((Path(args.dir) / "config.json").read_text())
         _run_server(servers.serve_rendezvous(args.dir, port=args.port, coap=args.coap,
-                                             on_ready=_ready("rendezvous", cfg["url"])))
+                                             on_ready=_ready("rendezvous", cfg["url"], args),
+                                             **_coap_options(args)))
         return 0
     if args.action == "status":
         from ..services.admin import rendezvous_status
@@ -84,13 +113,15 @@ def cmd_gateway(args) -> int:
                                  db=args.db, public_host=args.public_host,
                                  bundle_settings={"est_operational": True} if args.operational_certs else None)
         print(f"gateway initialised in {args.dir}\n  url: {cfg['url']}\n"
-              f"  owner key fingerprint: {cfg['owner_fingerprint']}")
+              f"  owner key fingerprint: {cfg['owner_fingerprint']}\n"
+              f"  CoAP EDHOC key fingerprint: {cfg['edhoc_fingerprint']}")
         return 0
     if args.action == "serve":
         cfg = json.loads((Path(args.dir) / "config.json").read_text())
         url = cfg["url"] if not args.port else cfg["url"].rsplit(":", 1)[0] + f":{args.port}"
-        _run_server(servers.serve_gateway(args.dir, port=args.port, on_ready=_ready("gateway", url),
-                                          reuse_port=args.reuse_port, coap=args.coap))
+        _run_server(servers.serve_gateway(args.dir, port=args.port, on_ready=_ready("gateway", url, args),
+                                          reuse_port=args.reuse_port, coap=args.coap,
+                                          **_coap_options(args)))
         return 0
     if args.action == "register":
         return asyncio.run(admin.gateway_register(args.dir, args.label_url, args.csv, args.description))
@@ -110,7 +141,9 @@ def cmd_terminus(args) -> int:
 def cmd_agent(args) -> int:
     from ..agent.runtime import Agent, device_transport
     from ..services.manufacturer import read_factory
-    transport = device_transport(args.transport, read_factory(args.device_dir))
+    transport = device_transport(args.transport, read_factory(args.device_dir),
+                                 **({"security": args.coap_security, "device_dir": args.device_dir}
+                                    if args.transport == "coap" else {}))
     agent = Agent(args.device_dir, transport=transport, max_attempts=args.max_attempts,
                   deadline_s=args.deadline)
     report = asyncio.run(agent.run(telemetry=args.telemetry))
@@ -198,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsv = rs.add_parser("serve")
     rsv.add_argument("--dir", required=True, type=Path)
     rsv.add_argument("--port", type=int, help="override the configured port")
-    rsv.add_argument("--coap", action="store_true",
-                     help="also serve CoAP over UDP on the same port number (same process)")
+    _add_coap_serve_options(rsv)
     rst = rs.add_parser("status")
     rst.add_argument("--dir", required=True, type=Path)
     rst.add_argument("serial", nargs="?")
@@ -228,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gsv.add_argument("--port", type=int, help="override the configured port (run several replicas)")
     gsv.add_argument("--reuse-port", action="store_true",
                      help="share the port with other gateway processes on this host (SO_REUSEPORT)")
-    gsv.add_argument("--coap", action="store_true",
-                     help="also serve CoAP over UDP on the same port number (same process)")
+    _add_coap_serve_options(gsv)
     gr = gs.add_parser("register", help="add devices to the inventory from labels")
     gr.add_argument("--dir", required=True, type=Path)
     gr.add_argument("label_url", nargs="?")
@@ -261,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--deadline", type=float, default=None, help="give up after this many seconds")
     ar.add_argument("--transport", choices=("http", "coap"), default="http",
                     help="how the device reaches the rendezvous and gateway (coap: UDP, same port numbers)")
+    ar.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default="edhoc",
+                    help="with --transport coap: EDHOC+OSCORE with pinned keys (default), OSCORE "
+                         "with the device's PSK towards the gateway, or none")
     ar.add_argument("--maintain", action="store_true",
                     help="keep running and renew the operational certificate when due")
     a.set_defaults(func=cmd_agent)
@@ -274,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--owner-address", help="cip: the owner gateway's host")
     ic.add_argument("--owner-port", type=int, help="cport")
     ic.add_argument("--owner-fingerprint", help="cfingerprint: SHA-256 of the owner key (hex)")
+    ic.add_argument("--owner-edhoc-fingerprint",
+                    help="cedhoc: SHA-256 of the gateway's CoAP EDHOC key (hex; from gateway init)")
     ic.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
     ic.add_argument("--description", default="")
     ist = is_.add_parser("status", help="a label's status at its rendezvous")
@@ -310,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices also enroll a 24 h operational certificate over EST and use it")
     d.add_argument("--transport", choices=("http", "coap"), default="http",
                    help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap)")
+    d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default="edhoc",
+                   help="with --transport coap: how CoAP is protected (default EDHOC+OSCORE)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -21,4 +21,6 @@ def owner_from_args(args):
     return Owner(address=args.owner_address or gw_cfg.get("host", ""),
                  port=args.owner_port or gw_cfg.get("port", 0),
                  fingerprint=args.owner_fingerprint or gw_cfg.get("owner_fingerprint", ""),
-                 gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca)
+                 gateway_url=gw_cfg.get("url"), admin_token=token, gateway_ca_pem=gw_ca,
+                 edhoc_fingerprint=getattr(args, "owner_edhoc_fingerprint", None)
+                 or gw_cfg.get("edhoc_fingerprint"))

@@ -19,6 +19,7 @@ class Owner:
     gateway_url: str | None = None
     admin_token: str | None = None
     gateway_ca_pem: str | None = None
+    edhoc_fingerprint: str | None = None  # cedhoc: the gateway's EDHOC key (CoAP devices pin it)
 
 
 class ClaimRefused(ProtocolError):
@@ -71,7 +72,8 @@ async def claim_device(label_url: str, owner: Owner, *, rendezvous_ca_pem: str |
     label = parse_label(resolve_label(label_url))
     status, body = await post_json(
         f"{label.rendezvous}{TTE_PATH}?otp={label.otp}&devid={label.devid}",
-        json_body={"cip": owner.address, "cport": owner.port, "cfingerprint": owner.fingerprint},
+        json_body={"cip": owner.address, "cport": owner.port, "cfingerprint": owner.fingerprint,
+                   **({"cedhoc": owner.edhoc_fingerprint} if owner.edhoc_fingerprint else {})},
         ca_pem=rendezvous_ca_pem)
     if status == 409:
         current = await label_status(label.url, rendezvous_ca_pem=rendezvous_ca_pem)

@@ -46,6 +46,9 @@ class Redirect(Message):
     owner_fp: bytes = f(4, min_len=HASH_LEN, max_len=HASH_LEN)
     issued: int = f(5)
     expires: int = f(6)
+    # SHA-256 SPKI of the gateway's EDHOC key, as the claim gave it (TTE's cfingerprint for
+    # the controller's DTLS key): a device using EDHOC pins the gateway by it.
+    gateway_edhoc_fp: Optional[bytes] = f(7, min_len=HASH_LEN, max_len=HASH_LEN, optional=True)
 
 
 # --- phase 4: onboard -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from ..introducer.claim import Owner, claim_device
 from ..util.files import atomic_write_json, read_json
 from ..util.net import RoundRobinBalancer, free_port, wait_for_port
 from .admin import register_devices
-from .manufacturer import Manufacturer
+from .manufacturer import Manufacturer, read_factory
 from .roles import init_gateway, init_rendezvous, owner_ca
 from .terminus import TelemetryObserver, Terminus, find_mosquitto, write_terminus_config
 
@@ -47,6 +47,7 @@ class DemoOptions:
     serve: bool = False
     operational: bool = False
     transport: str = "http"
+    coap_security: str = "edhoc"  # with transport coap: none | edhoc (transport/coap/security.py)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class DemoResult:
     mean_bytes_sent: float | None = None
     mean_bytes_received: float | None = None
     largest_device_message: int | None = None
+    coap_security: str | None = None
     reports: list[AgentReport] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -80,7 +82,7 @@ class DemoResult:
                 "onboarding_s", "throughput_per_s", "concurrency", "operational_devices",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
                 "db", "terminus", "state_dir", "transport", "mean_bytes_sent",
-                "mean_bytes_received", "largest_device_message")
+                "mean_bytes_received", "largest_device_message", "coap_security")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -139,6 +141,8 @@ class Processes:
 async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
     if opts.transport not in DEVICE_TRANSPORTS:
         raise ValueError(f"unknown transport {opts.transport!r}")
+    if opts.transport == "coap" and opts.coap_security not in ("none", "edhoc"):
+        raise ValueError("the demo's devices have no PSKs: --coap-security none or edhoc")
     coap = opts.transport == "coap"
     temp = opts.state_dir is None
     root = Path(opts.state_dir or tempfile.mkdtemp(prefix="zerotouch-demo-")).resolve()
@@ -183,7 +187,9 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                           "onboard but no terminus runs, so no telemetry is measured.[/yellow]")
 
         # With CoAP, each server also listens on UDP on the same port number as its HTTPS.
-        coap_flag = ["--coap"] if coap else []
+        # Every simulated device sends from 127.0.0.1, so the per-source CoAP rate limits are off here.
+        coap_flag = (["--coap", "--coap-security", opts.coap_security, "--coap-rate", "0",
+                      "--coap-handshake-rate", "0"] if coap else [])
         await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"), *coap_flag)
         for i, port in enumerate(replica_ports):
             await procs.start(f"gateway-{i + 1}", "gateway", "serve", "--dir", str(root / "gateway"),
@@ -208,7 +214,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         # Introducer: claim each label for the owner and add it to the owner's inventory.
         owner = Owner(address=HOST, port=gw_port, fingerprint=gw_cfg["owner_fingerprint"],
                       gateway_url=gw_cfg["url"], admin_token=(root / "gateway" / "admin.token").read_text().strip(),
-                      gateway_ca_pem=(root / "gateway" / "vault" / "owner-ca.pem").read_text())
+                      gateway_ca_pem=(root / "gateway" / "vault" / "owner-ca.pem").read_text(),
+                      edhoc_fingerprint=gw_cfg.get("edhoc_fingerprint"))
         sem = asyncio.Semaphore(8)
         # The balancer is TCP only: over CoAP each device is claimed straight to one gateway
         # replica's port (alternating), which its redirect then names.
@@ -239,7 +246,9 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
 
             async def power_on(dev):
                 async with run_sem:
-                    transport = device_transport(opts.transport, {"rendezvous_tls_ca_pem": info.tls_ca_pem})
+                    transport = device_transport(opts.transport, read_factory(dev.device_dir),
+                                                 **({"security": opts.coap_security,
+                                                     "device_dir": dev.device_dir} if coap else {}))
                     agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
                     report = await agent.run(telemetry=telemetry)
                 reports.append(report)
@@ -276,7 +285,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             gateway_connections=claim_counts if coap else list(balancer.connections.values()),
             db=_safe_db(rv_db or "sqlite (one file per role)"), terminus=terminus_desc,
             state_dir=str(root), reports=sorted(reports, key=lambda r: r.serial),
-            transport=opts.transport,
+            transport=opts.transport, coap_security=opts.coap_security if coap else None,
             mean_bytes_sent=_mean([r.bytes_sent for r in reports if r.onboarded]),
             mean_bytes_received=_mean([r.bytes_received for r in reports if r.onboarded]),
             largest_device_message=max(largest) if largest else None)
@@ -366,7 +375,8 @@ def run_demo_cli(args) -> int:
     opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
                        json=args.json, serve=args.serve, operational=args.operational,
-                       transport=getattr(args, "transport", "http"))
+                       transport=getattr(args, "transport", "http"),
+                       coap_security=getattr(args, "coap_security", "edhoc"))
     if opts.devices < 1:
         print("--devices must be at least 1", file=sys.stderr)
         return 2

@@ -39,15 +39,19 @@ class RendezvousInfo:
     url: str
     key_pem: str
     tls_ca_pem: str
+    edhoc_fingerprint: str | None = None   # CoAP/EDHOC key pin (hex SHA-256 SPKI)
 
     @classmethod
     def load(cls, path: Path) -> "RendezvousInfo":
         data = read_json(path)
-        return cls(url=data["url"], key_pem=data["key_pem"], tls_ca_pem=data["tls_ca_pem"])
+        return cls(url=data["url"], key_pem=data["key_pem"], tls_ca_pem=data["tls_ca_pem"],
+                   edhoc_fingerprint=data.get("edhoc_fingerprint"))
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, {"url": self.url, "key_pem": self.key_pem,
-                                 "tls_ca_pem": self.tls_ca_pem})
+                                 "tls_ca_pem": self.tls_ca_pem,
+                                 **({"edhoc_fingerprint": self.edhoc_fingerprint}
+                                    if self.edhoc_fingerprint else {})})
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Manufacturer:
             "serial": serial, "urn": urn, "identity": identity,
             "rendezvous_url": rendezvous.url, "rendezvous_key_pem": rendezvous.key_pem,
             "rendezvous_tls_ca_pem": rendezvous.tls_ca_pem,
+            **({"rendezvous_edhoc_fp": rendezvous.edhoc_fingerprint}
+               if rendezvous.edhoc_fingerprint else {}),
         })
         label = Label(rendezvous=rendezvous.url, devid=serial, otp=n_device.hex())
         write_label(label, out_dir / "labels")

@@ -139,6 +139,18 @@ def parse_owner_address(cip: str, cport: str | int, cfingerprint: str) -> tuple[
     return f"https://{host}:{port}", bytes.fromhex(fp)
 
 
+def parse_edhoc_fingerprint(cedhoc) -> bytes | None:
+    """The optional claim field `cedhoc`: SHA-256 (64 hex digits) of the gateway's EDHOC key."""
+    if cedhoc is None or cedhoc == "":
+        return None
+    if not isinstance(cedhoc, str):
+        raise MalformedMessage("cedhoc must be a string")
+    fp = cedhoc.strip().replace(":", "").lower()
+    if len(fp) != 64 or not HEX_RE.fullmatch(fp):
+        raise MalformedMessage("cedhoc must be the 64-hex-digit SHA-256 of the gateway's EDHOC key")
+    return bytes.fromhex(fp)
+
+
 class RendezvousService:
     def __init__(self, repo: RendezvousRepo, signer: cose.Signer, config: RendezvousConfig):
         self.repo = repo
@@ -173,16 +185,18 @@ class RendezvousService:
         return rec
 
     async def claim(self, *, otp_hex: str, devid_hex: str, cip: str, cport, cfingerprint: str,
-                    source: str | None = None) -> ClaimResult:
+                    source: str | None = None, cedhoc: str | None = None) -> ClaimResult:
         """One-time claim by OTP (TTE). A second claim is refused and changes nothing.
-        `source`: the client address, for the per-source limit on wrong OTPs."""
+        `source`: the client address, for the per-source limit on wrong OTPs. `cedhoc`
+        (optional): the gateway's EDHOC key fingerprint, signed into the device's redirect."""
         serial, otp = _parse_label_ids(devid_hex, otp_hex)
         gateway_url, owner_fp = parse_owner_address(cip, cport, cfingerprint)
+        edhoc_fp = parse_edhoc_fingerprint(cedhoc)
         rec = await self._check_otp(serial, otp, source)
         if rec.status is RendezvousStatus.REVOKED:
             raise ProtocolError("device is revoked", status=410, code="revoked")
         if rec.status is not RendezvousStatus.NOT_MAPPED or not await self.repo.claim(
-                serial, gateway_url, owner_fp, self.cfg.clock()):
+                serial, gateway_url, owner_fp, self.cfg.clock(), gateway_edhoc_fp=edhoc_fp):
             raise Conflict("this OTP was already used: the device is claimed. If you did not "
                            "claim it, its label may have been copied.")
         return self._claim_result(await self.repo.get(serial))
@@ -274,7 +288,8 @@ class RendezvousService:
         assert rec.gateway_url and rec.owner_fp
         redirect = Redirect(serial=rec.serial, nonce=msg.nonce, gateway_url=rec.gateway_url,
                             owner_fp=rec.owner_fp, issued=int(now),
-                            expires=int(now) + self.cfg.redirect_ttl)
+                            expires=int(now) + self.cfg.redirect_ttl,
+                            gateway_edhoc_fp=rec.gateway_edhoc_fp)
         return cose.sign1(redirect.encode(), self.signer)
 
     async def registered(self, body: bytes) -> None:

@@ -39,6 +39,11 @@ def _read_pems(paths: list[str]) -> list[x509.Certificate]:
     return out
 
 
+def _edhoc_fingerprint(directory: Path) -> str:
+    from ..transport.coap.security import edhoc_fingerprint  # the CoAP/EDHOC key, made once
+    return edhoc_fingerprint(directory)
+
+
 def default_db(directory: Path) -> str:
     return f"sqlite:///{Path(directory).resolve()}/state.db"
 
@@ -67,7 +72,8 @@ def init_rendezvous(directory: Path, *, host: str, port: int, manufacturer_cas: 
         "manufacturer_cas": [str(Path(p).resolve()) for p in manufacturer_cas]})
     signing = load_private_key(d / "rendezvous.key")
     info = RendezvousInfo(url=url, key_pem=public_key_pem(signing.public_key()).decode(),
-                          tls_ca_pem=(d / "tls-ca.pem").read_text())
+                          tls_ca_pem=(d / "tls-ca.pem").read_text(),
+                          edhoc_fingerprint=_edhoc_fingerprint(d))
     info.save(d / "public.json")
     return info
 
@@ -114,7 +120,8 @@ def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: lis
            "manufacturer_cas": [str(Path(p).resolve()) for p in manufacturer_cas],
            "terminus_host": terminus_host, "terminus_port": terminus_port,
            "rendezvous_url": rv.url if rv else None, "rendezvous_tls_ca_pem": rv.tls_ca_pem if rv else None,
-           "owner_fingerprint": LocalVault.fingerprint_of(ca)}
+           "owner_fingerprint": LocalVault.fingerprint_of(ca),
+           "edhoc_fingerprint": _edhoc_fingerprint(d)}
     if bundle_settings is not None:
         cfg["bundle_settings"] = bundle_settings
     if (d / "config.json").exists():

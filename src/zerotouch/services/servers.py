@@ -22,16 +22,19 @@ log = logging.getLogger("zerotouch.serve")
 
 
 @contextlib.asynccontextmanager
-async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None, enabled: bool = True):
+async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None, enabled: bool = True,
+                         directory: Path | None = None, security: str = "none", rate_limit=None):
     """CoAP over UDP on the same port number as the HTTPS server (TCP), on the same service
-    objects, for the lifetime of the block. While it runs, SIGTERM stops the process cleanly
+    objects, for the lifetime of the block, protected per `security` (transport/coap/security.py;
+    EDHOC's key is in `directory`). While it runs, SIGTERM stops the process cleanly
     (the HTTPS site and the CoAP context are both shut down), like Ctrl-C."""
     if not enabled:
         yield None
         return
-    from ..transport.coap import start_coap_server
-    server = await start_coap_server(rendezvous, gateway, bind=(host, port))
-    log.info("CoAP listening on %s", server.url)
+    from ..transport.coap.security import start_role_coap_server
+    server = await start_role_coap_server(directory, host, port, rendezvous=rendezvous, gateway=gateway,
+                                          security=security, rate_limit=rate_limit)
+    log.info("CoAP (%s) listening on %s", security, server.url)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     handled = False
@@ -49,21 +52,23 @@ async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None,
 
 
 async def serve_rendezvous(directory: Path, *, port: int | None = None, on_ready=None,
-                           coap: bool = False) -> None:
+                           coap: bool = False, coap_security: str = "none", coap_rate=None) -> None:
     rv = await build_rendezvous(directory)
     d = Path(directory)
     app = rendezvous_app(rv.service, public_info={"url": rv.config["url"]})
     ctx = server_ssl_context(d / "tls.pem", d / "tls.key")
     host, port = rv.config["host"], port or rv.config["port"]
     try:
-        async with coap_alongside(host, port, rendezvous=rv.service, enabled=coap):
+        async with coap_alongside(host, port, rendezvous=rv.service, enabled=coap, directory=d,
+                                  security=coap_security, rate_limit=coap_rate):
             await serve_forever(app, host, port, ctx, on_ready)
     finally:
         await rv.store.close()
 
 
 async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=None,
-                        reuse_port: bool = False, coap: bool = False) -> None:
+                        reuse_port: bool = False, coap: bool = False, coap_security: str = "none",
+                        coap_rate=None) -> None:
     gw = await build_gateway(directory)
     d = Path(directory)
     try:
@@ -76,7 +81,8 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
         ctx = est_server_ssl_context(d / "tls.pem", d / "tls.key",
                                      [await gw.est.owner_ca(), *gw.est.manufacturer_cas])
         host, port = gw.config["host"], port or gw.config["port"]
-        async with coap_alongside(host, port, gateway=gw.service, enabled=coap):
+        async with coap_alongside(host, port, gateway=gw.service, enabled=coap, directory=d,
+                                  security=coap_security, rate_limit=coap_rate):
             await serve_forever(app, host, port, ctx, on_ready, reuse_port=reuse_port)
     finally:
         await gw.close()

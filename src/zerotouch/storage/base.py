@@ -23,6 +23,7 @@ class RvDeviceRecord:
     registered_at: float | None = None
     failed_claims: int = 0            # wrong OTPs in the window that began at failed_since
     failed_since: float | None = None
+    gateway_edhoc_fp: bytes | None = None  # the owner gateway's EDHOC key (claim's cedhoc)
 
 
 @dataclass
@@ -54,7 +55,8 @@ class RendezvousRepo(Protocol):
     async def add(self, rec: RvDeviceRecord) -> None:
         """Insert; raises Conflict if the serial exists."""
     async def get(self, serial: str) -> RvDeviceRecord | None: ...
-    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float) -> bool:
+    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float,
+                    gateway_edhoc_fp: bytes | None = None) -> bool:
         """Map a not-mapped device; False if it was already mapped (atomic)."""
     async def set_status(self, serial: str, old: RendezvousStatus, new: RendezvousStatus,
                          now: float) -> bool: ...

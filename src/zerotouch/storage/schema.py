@@ -20,6 +20,7 @@ rv_devices = Table(
     Column("registered_at", Float),
     Column("failed_claims", Integer, nullable=False, default=0),
     Column("failed_since", Float),   # start of the current failure window (migration 0005)
+    Column("gateway_edhoc_fp", LargeBinary),  # the gateway's EDHOC key pin (migration 0007)
 )
 
 # Failed OTP guesses per source address in a fixed window, shared by every rendezvous replica.

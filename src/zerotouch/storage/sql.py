@@ -149,14 +149,15 @@ class SqlRendezvousRepo(_Repo):
             row = (await c.execute(select(rv_devices).where(rv_devices.c.serial == serial))).first()
         return _row(RvDeviceRecord, row, status=RendezvousStatus) if row else None
 
-    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float) -> bool:
+    async def claim(self, serial: str, gateway_url: str, owner_fp: bytes, now: float,
+                    gateway_edhoc_fp: bytes | None = None) -> bool:
         async with self.r.begin() as c:
             res = await c.execute(
                 update(rv_devices)
                 .where(rv_devices.c.serial == serial,
                        rv_devices.c.status == RendezvousStatus.NOT_MAPPED.value)
                 .values(status=RendezvousStatus.MAPPED.value, gateway_url=gateway_url,
-                        owner_fp=owner_fp, claimed_at=now))
+                        owner_fp=owner_fp, claimed_at=now, gateway_edhoc_fp=gateway_edhoc_fp))
         return res.rowcount == 1
 
     async def set_status(self, serial, old, new, now) -> bool:

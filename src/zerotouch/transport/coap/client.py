@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap.numbers import codes
 
-from ...protocol.errors import MalformedMessage, ProtocolError, TryLater
+from ...protocol.errors import MalformedMessage, NotAuthorized, ProtocolError, TryLater
 from ...protocol.messages import ErrorReply
 from ..http.client import PeerRefused, new_client_context
 from .common import CBOR_CF, MAX_PAYLOAD, PATHS, status_for_code
@@ -149,6 +149,23 @@ class CoapDeviceTransport:
         if not resp.code.is_successful():
             raise error_from_response(resp)
         return data
+
+    def pin_gateway(self, gateway_url: str, fingerprint: bytes | None) -> None:
+        """The agent passes the gateway's EDHOC key pin from the verified redirect; with an
+        EDHOC identity every request to that gateway then runs over EDHOC with that key only."""
+        if self._edhoc_identity is None:
+            return
+        base = self._base(gateway_url, self._gateway_override)
+        if urlsplit(base).scheme != "coap":
+            return
+        if fingerprint is None:
+            if base in self._edhoc_pins:
+                return  # pinned by configuration (edhoc_pins), e.g. a combined test server
+            raise NotAuthorized("the redirect names no EDHOC key for the gateway, so it cannot be "
+                                "pinned (the owner must claim with cedhoc)")
+        if self._edhoc_pins.get(base) != fingerprint:
+            self._edhoc_pins[base] = bytes(fingerprint)
+            self._edhoc_creds.pop(base, None)  # the next request pins the new key
 
     async def find_owner(self, rendezvous_url: str, body: bytes) -> bytes:
         return await self._post(self._base(rendezvous_url, self._rendezvous_override), PATHS["find-owner"], body, self._rv_ssl)

@@ -140,6 +140,7 @@ def rendezvous_app(service: RendezvousService, public_info: dict | None = None) 
             result = await service.claim(otp_hex=_text(otp, "otp"), devid_hex=_text(devid, "devid"),
                                          cip=_text(data.get("cip", ""), "cip"), cport=data.get("cport", ""),
                                          cfingerprint=_text(data.get("cfingerprint", ""), "cfingerprint"),
+                                         cedhoc=_text(data.get("cedhoc", ""), "cedhoc"),
                                          source=request.remote)
         except ProtocolError as exc:
             if not as_html:

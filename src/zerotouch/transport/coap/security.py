@@ -1,0 +1,137 @@
+"""How a CoAP endpoint is protected: the `--coap-security` modes of servers and devices.
+
+* ``edhoc`` (the default of the CLI and the demo): EDHOC (RFC 9528) + OSCORE, P-256 raw public
+  keys pinned by SHA-256 SPKI fingerprint. Each server keeps its EDHOC key in its role
+  directory (`edhoc.key`, made at `init` or first serve; the fingerprint is in `public.json`
+  / `config.json` and printed). The device's EDHOC key is its IDevID key; it pins the
+  rendezvous by the fingerprint in its factory.json (`rendezvous_edhoc_fp`) and the gateway by
+  the fingerprint in its signed redirect (the claim's `cedhoc`).
+* ``oscore-psk``: OSCORE with a context from the device's pre-shared key (oscore_psk.py), for
+  devices without public-key crypto, towards the gateway (which holds the PSKs in `psk.json`);
+  the rendezvous holds no device keys, so the device reaches it over plain CoAP (its messages
+  are signed and nonce-bound anyway) and the rendezvous must serve ``none``.
+* ``none``: plain CoAP over UDP (the messages still carry their own signatures; what travels
+  is readable on the path).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ...pki.keys import generate_p256, load_private_key, save_private_key, spki_fingerprint
+from ...util.files import atomic_write, read_json
+
+MODES = ("none", "edhoc", "oscore-psk")
+DEFAULT_MODE = "edhoc"
+EDHOC_KEY_FILE = "edhoc.key"
+PSK_FILE = "psk.json"              # gateway dir: {"devices": {devid: hex}, "boxes": [...]}
+DEVICE_PSK_FILE = "psk.secret"     # device dir: hex, 0600
+DEVICE_SEQ_FILE = "oscore-seq.json"
+SEQ_SKIP = 64                      # sequence numbers skipped after a restart (RFC 8613 B.1.1)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"CoAP security must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def edhoc_key(directory: Path):
+    """The role's P-256 EDHOC key (`DIR/edhoc.key`, 0600), made on first use."""
+    path = Path(directory) / EDHOC_KEY_FILE
+    if not path.exists():
+        save_private_key(path, generate_p256())
+    return load_private_key(path)
+
+
+def edhoc_fingerprint(directory: Path) -> str:
+    """Hex SHA-256 SPKI of the role's EDHOC key (making the key if needed)."""
+    return spki_fingerprint(edhoc_key(directory).public_key()).hex()
+
+
+def load_psk_store(directory: Path):
+    """The gateway's PSKs: `psk.json` with single devices and/or claimed boxes."""
+    from ...services.bulk import derive_psk
+    from .oscore_psk import PskContextStore
+    path = Path(directory) / PSK_FILE
+    data = read_json(path) if path.exists() else {}
+    boxes = [(bytes.fromhex(b["master"]), int(b["first"], 16), int(b["last"], 16))
+             for b in data.get("boxes", [])]
+
+    def from_boxes(devid_hex: str) -> bytes | None:
+        n = int(devid_hex, 16)
+        for master, first, last in boxes:
+            if first <= n <= last:
+                return derive_psk(master, n)
+        return None
+    store = PskContextStore(from_boxes, roles=("gateway",))
+    for devid, psk in data.get("devices", {}).items():
+        store.add(devid, bytes.fromhex(psk))
+    return store
+
+
+async def start_role_coap_server(directory: Path, host: str, port: int, *, rendezvous=None,
+                                 gateway=None, security: str = DEFAULT_MODE, rate_limit=None):
+    """CoAP/UDP for one role's directory in the given security mode."""
+    check_mode(security)
+    if security == "edhoc":
+        from .edhoc import AnyDeviceKey, EdhocIdentity
+        from .server import start_coap_server
+        identity = EdhocIdentity(edhoc_key(directory), "rendezvous" if rendezvous else "gateway")
+        return await start_coap_server(rendezvous, gateway, bind=(host, port), edhoc_identity=identity,
+                                       edhoc_known=AnyDeviceKey(), rate_limit=rate_limit)
+    if security == "oscore-psk":
+        if rendezvous is not None:
+            raise ValueError("the rendezvous holds no device PSKs: serve it with --coap-security "
+                             "none or edhoc")
+        from .oscore_psk import start_oscore_psk_server
+        return await start_oscore_psk_server(None, gateway, store=load_psk_store(directory),
+                                             bind=(host, port), rate_limit=rate_limit)
+    from .server import start_coap_server
+    return await start_coap_server(rendezvous, gateway, bind=(host, port), rate_limit=rate_limit)
+
+
+# --- the device side ---------------------------------------------------------------------
+def _coap_base(url: str) -> str:
+    return f"coap://{urlsplit(url).netloc}"
+
+
+def device_coap_transport(factory: dict, *, security: str = "none", device_dir: Path | None = None):
+    """A device's CoAP transport in the given mode (factory: its factory.json contents)."""
+    from .client import CoapDeviceTransport
+    check_mode(security)
+    ca = factory.get("rendezvous_tls_ca_pem") or None
+    if security == "none":
+        return CoapDeviceTransport(rendezvous_ca_pem=ca)
+    if device_dir is None:
+        raise ValueError(f"--coap-security {security} needs the device directory")
+    d = Path(device_dir)
+    if security == "edhoc":
+        from .edhoc import EdhocIdentity
+        if factory.get("identity", "software") != "software":
+            raise ValueError("EDHOC uses the IDevID key for static Diffie-Hellman: only software "
+                             "identities can (use --coap-security none or oscore-psk)")
+        pin = factory.get("rendezvous_edhoc_fp")
+        if not pin:
+            raise ValueError("factory.json has no rendezvous EDHOC pin (rendezvous_edhoc_fp): "
+                             "the device was made before its rendezvous had an EDHOC key")
+        identity = EdhocIdentity(load_private_key(d / "idevid.key"), factory.get("serial", ""))
+        return CoapDeviceTransport(rendezvous_ca_pem=ca, edhoc_identity=identity,
+                                   edhoc_pins={_coap_base(factory["rendezvous_url"]): bytes.fromhex(pin)})
+    from .oscore_psk import OscorePskTransport
+    psk_file = d / DEVICE_PSK_FILE
+    if not psk_file.exists():
+        raise ValueError(f"no {DEVICE_PSK_FILE} in the device directory: not a PSK-mode device")
+    seq_file = d / DEVICE_SEQ_FILE
+    # Never reuse a sequence number with the same PSK (AES-CCM nonce): resume past the last
+    # persisted one, persisting as we go.
+    seq = {k: int(v) + SEQ_SKIP for k, v in (read_json(seq_file) if seq_file.exists() else {}).items()}
+    state = dict(seq)
+
+    def on_sequence(role: str, n: int) -> None:
+        state[role] = n
+        atomic_write(seq_file, json.dumps(state).encode(), mode=0o600)
+    return OscorePskTransport(devid=factory["serial"], psk=bytes.fromhex(psk_file.read_text().strip()),
+                              sequence_numbers=seq, on_sequence=on_sequence, protect=("gateway",),
+                              rendezvous_ca_pem=ca)
