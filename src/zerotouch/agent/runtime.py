@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from ..identity import identity_factory
 from ..pki.keys import load_public_key_pem
 from ..protocol.device import DeviceOnboarding, der_to_pem
 from ..protocol.errors import NotAuthorized, ProtocolError, TryLater
-from ..services.manufacturer import SECRET_FILE, read_factory
+from ..services.manufacturer import read_factory
 from ..transport.http.client import HttpDeviceTransport
 from .backoff import Backoff
 from ..util.files import remove_stale_temp_files
@@ -54,6 +55,9 @@ class AgentReport:
     bytes_received: int = 0
     errors: list[str] = field(default_factory=list)
     operational: str | None = None   # outcome of the operational-certificate step, when on
+    wire_ms: float | None = None     # onboarding time spent waiting for answers (network + servers)
+    tpm_commands: int | None = None  # TPM identity: commands sent to the TPM while onboarding
+    tpm_ms: float | None = None      # ... and the time spent in them
 
 
 def _http_transport(factory: dict, **_options):
@@ -109,29 +113,49 @@ class Agent:
         self.renewals: collections.deque[RenewalResult] = collections.deque(maxlen=MAX_ERRORS)
         self._renew_lock = asyncio.Lock()
 
+    def open_identity(self):
+        """The device's key holder (software files or its TPM, named in factory.json)."""
+        options = {"tcti": self.factory["tcti"]} if self.factory.get("tcti") else {}
+        return identity_factory(self.factory.get("identity", "software"), **options).open(self.dir)
+
     def _core(self) -> DeviceOnboarding:
-        identity = self._identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
+        identity = self._identity = self.open_identity()
         return DeviceOnboarding(
             serial=self.serial, urn=self.factory["urn"],
             rendezvous_key=load_public_key_pem(self.factory["rendezvous_key_pem"].encode()),
-            n_device=bytes.fromhex((self.dir / SECRET_FILE).read_text().strip()),
-            identity=identity, clock=self.clock, rng=self.rng)
+            n_device=identity.n_device(), identity=identity, clock=self.clock, rng=self.rng)
+
+    async def _wire(self, request):
+        """Await a request, adding its time to the report's wire_ms."""
+        t0 = time.perf_counter()
+        try:
+            return await request
+        finally:
+            self._wire_s += time.perf_counter() - t0
+
+    async def _device(self, step, *args):
+        """A step of the device core. TPM commands block on the TPM: off the event loop, so a
+        simulated fleet's devices do not wait for each other's TPMs."""
+        if self._identity.kind == "software":
+            return step(*args)
+        return await asyncio.to_thread(step, *args)
 
     async def _attempt(self, core: DeviceOnboarding) -> None:
         t = self.transport
+        d, w = self._device, self._wire
         redirect = core.receive_redirect(
-            await t.find_owner(self.factory["rendezvous_url"], core.find_owner_request()))
+            await w(t.find_owner(self.factory["rendezvous_url"], await d(core.find_owner_request))))
         gw = redirect.gateway_url
         if hasattr(t, "pin_gateway"):  # EDHOC: the gateway's key as the signed redirect names it
             t.pin_gateway(gw, redirect.gateway_edhoc_fp)
-        core.receive_challenge(await t.gateway(gw, "hello", core.hello_request()))
+        core.receive_challenge(await w(t.gateway(gw, "hello", await d(core.hello_request))))
         self._check_gateway_tls(core)
         # Key generation and durable writes run off the event loop: a device's flash is slow,
         # and in a simulated fleet one device's fsync must not stall the others.
         prove = await asyncio.to_thread(core.prove_request)
-        result = core.receive_credentials(await t.gateway(gw, "prove", prove))
+        result = await d(core.receive_credentials, await w(t.gateway(gw, "prove", prove)))
         await asyncio.to_thread(self._store, result)
-        core.receive_done_ack(await t.gateway(gw, "done", core.done_request()))
+        core.receive_done_ack(await w(t.gateway(gw, "done", await d(core.done_request))))
 
     def _store(self, result) -> None:
         self._identity.commit_ldevid()
@@ -152,7 +176,18 @@ class Agent:
 
     async def onboard(self, report: AgentReport) -> AgentState:
         started = self.clock()
+        self._wire_s = 0.0
         core = self._core()
+        try:
+            return await self._onboard(core, report, started)
+        finally:
+            await self._device(self._identity.close)   # TPM: flush what was loaded, disconnect
+            report.wire_ms = round(self._wire_s * 1000, 1)
+            if hasattr(self._identity, "tpm_usage"):
+                commands, seconds = self._identity.tpm_usage()
+                report.tpm_commands, report.tpm_ms = commands, round(seconds * 1000, 1)
+
+    async def _onboard(self, core: DeviceOnboarding, report: AgentReport, started: float) -> AgentState:
         attempt = 0
         while True:
             report.attempts = attempt + 1
@@ -208,10 +243,14 @@ class Agent:
         return report
 
     async def publish(self, state: AgentState, count: int, report: AgentReport) -> None:
-        from .telemetry import publish_telemetry, telemetry_payload
+        from .telemetry import publish_telemetry, publish_telemetry_with_tpm_key, telemetry_payload
 
         cert_file, key_file = self.terminus_credentials(state)
-        codes = await publish_telemetry(
+        publish = publish_telemetry
+        if self.factory.get("identity") == "tpm":   # the TLS key is in the TPM
+            publish = functools.partial(publish_telemetry_with_tpm_key, tcti=self.factory["tcti"],
+                                        workdir=self.dir / "tpm-tls")
+        codes = await publish(
             host=state.terminus_host, port=state.terminus_port, ca_file=self.dir / "owner-ca.pem",
             cert_file=cert_file, key_file=key_file,
             topic=f"{state.topic_prefix}/telemetry",
@@ -232,12 +271,13 @@ class Agent:
             report.errors = (report.errors + [result.error])[-MAX_ERRORS:]
 
     def _operational_on(self, state: AgentState) -> bool:
+        if self.factory.get("identity") == "tpm":
+            return False   # EST with a TPM-resident key is not wired yet: the LDevID serves
         return state.onboarded and (self.operational if self.operational is not None
                                     else state.operational)
 
     def _ldevid_files(self) -> tuple[Path, Path]:
-        identity = identity_factory(self.factory.get("identity", "software")).open(self.dir)
-        return self.dir / "ldevid.pem", identity.ldevid_key_file()
+        return self.dir / "ldevid.pem", self.open_identity().ldevid_key_file()
 
     def terminus_credentials(self, state: AgentState) -> tuple[Path, Path]:
         """The operational pair when on and valid, else the LDevID (a fallback, not a downgrade:

@@ -115,3 +115,46 @@ async def publish_telemetry(*, host: str, port: int, ca_file: Path, cert_file: P
         client.on_disconnect = None  # our own disconnect is not an error
         client.disconnect()
         await loop.run_in_executor(None, client.loop_stop)
+
+
+async def publish_telemetry_with_tpm_key(*, tcti: str, workdir: Path, **kwargs) -> list[int]:
+    """publish_telemetry in a child process whose OpenSSL has the tpm2 provider, so the TLS
+    client key can be a TSS2 PRIVATE KEY in the TPM at `tcti` (identity/tpm/openssl_env.py
+    says why it must be another process). Same arguments and result."""
+    import os
+    import sys
+    from ..identity.tpm.openssl_env import tpm_tls_environment
+    env = dict(os.environ, **tpm_tls_environment(tcti, workdir))
+    job = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items() if k != "payloads"}
+    job["payloads"] = [p.decode() for p in kwargs["payloads"]]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "zerotouch.agent.telemetry", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await proc.communicate(json.dumps(job).encode())
+    try:
+        result = json.loads(out)
+    except ValueError:
+        raise TelemetryError(f"TPM TLS publisher failed: {err.decode(errors='replace')[-300:]}") from None
+    if "error" in result:
+        raise TelemetryError(result["error"])
+    return result["codes"]
+
+
+def _child_main() -> int:
+    """The child side: one job as JSON on stdin, {"codes": [...]} or {"error": "..."} on stdout."""
+    import sys
+    job = json.load(sys.stdin)
+    for k in ("ca_file", "cert_file", "key_file"):
+        job[k] = Path(job[k]) if job.get(k) else None
+    job["payloads"] = [p.encode() for p in job["payloads"]]
+    try:
+        codes = asyncio.run(publish_telemetry(**job))
+    except (TelemetryError, OSError, ssl.SSLError) as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
+    print(json.dumps({"codes": codes}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main())

@@ -10,6 +10,7 @@ from pathlib import Path
 from .bench_led import add_bench_led_parser
 from .box import add_box_parser
 from .est import add_est_parser
+from .tpm import add_tpm_parsers
 from .factory import add_factory_parser
 from .revoke import add_revoke_parser
 from .vault import add_vault_parser
@@ -63,7 +64,6 @@ def _add_coap_serve_options(sp) -> None:
                     help="EDHOC handshakes per second per source address (burst 2x; 0 = no limit)")
 
 
-
 def cmd_manufacture(args) -> int:
     from ..services.admin import manufacture, manufacturer_init
     if args.init:
@@ -77,7 +77,8 @@ def cmd_manufacture(args) -> int:
         return 2
     return asyncio.run(manufacture(args.dir, args.rendezvous_info, count=args.count,
                                    identity=args.identity, register=not args.no_register,
-                                   factory_est=args.factory_est, station=args.station))
+                                   factory_est=args.factory_est, station=args.station,
+                                   tcti=args.tcti, model=args.model))
 
 
 def cmd_rendezvous(args) -> int:
@@ -212,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rendezvous-info", type=Path, help="the rendezvous' public.json")
     m.add_argument("--count", type=int, default=1)
     m.add_argument("--name", default="zerotouch manufacturer", help="manufacturer name (new CA only)")
-    m.add_argument("--identity", default="software", help="identity backend (software)")
+    m.add_argument("--identity", default="software", choices=("software", "tpm"),
+                   help="identity backend: software (key files) or tpm (keys in the device's TPM)")
+    m.add_argument("--tcti", help="the device's TPM with --identity tpm, e.g. "
+                   "swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0 (one device per TPM)")
+    m.add_argument("--model", help="device type written into the IDevID (the owner's PCR policy "
+                   "is chosen by it)")
     m.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
     m.add_argument("--factory-est", metavar="URL",
                    help="enroll IDevIDs over EST at this factory service (zerotouch factory est-serve)")
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_vault_parser(sub)
     add_factory_parser(sub)
     add_box_parser(sub)
+    add_tpm_parsers(sub)
+
     b = sub.add_parser("bench", help="benchmarks with figures in their output")
     bs = b.add_subparsers(dest="action", required=True)
     be = bs.add_parser("est", help="simpleenroll per second vs. an nginx floor (wrk, new TLS "
@@ -330,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--db", help="database URL (default SQLite)")
     be.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+    from .bench_tpm import add_bench_tpm_parser
+    add_bench_tpm_parser(bs)
     add_bench_led_parser(bs)
 
     d = sub.add_parser("demo", help="a whole fleet end to end on loopback")
@@ -344,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve", action="store_true", help="keep every role running afterwards")
     d.add_argument("--operational", action="store_true",
                    help="devices also enroll a 24 h operational certificate over EST and use it")
+    d.add_argument("--identity", choices=("software", "tpm"), default="software",
+                   help="tpm: every device gets its own software TPM (swtpm) holding its keys")
     d.add_argument("--transport", choices=("http", "coap"), default="http",
                    help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap)")
     d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default="edhoc",

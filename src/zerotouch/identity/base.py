@@ -39,13 +39,41 @@ class DeviceIdentity(Protocol):
         """A file TLS libraries can load the LDevID key from."""
         ...
 
+    # -- TPM attestation (a backend without a TPM returns None from tpm_evidence) ----------------
+    def tpm_evidence(self) -> tuple[bytes, bytes] | None:
+        """(EK certificate DER, AK public area as a marshalled TPMT_PUBLIC), or None."""
+        ...
+
+    def tpm_activate(self, cred_blob: bytes, cred_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential with the AK and EK: the credential the owner made."""
+        ...
+
+    def tpm_quote(self, nonce: bytes, pcr_mask: int) -> tuple[bytes, bytes, bytes]:
+        """(TPMS_ATTEST, TPMT_SIGNATURE, sha256 PCR values in index order) quoted by the AK."""
+        ...
+
+    def n_device(self) -> bytes:
+        """N_device, the factory secret shared with the owner (file, or TPM NV)."""
+        ...
+
+    def close(self) -> None:
+        """Release the key holder (a TPM connection: flush loaded objects and sessions)."""
+        ...
+
 
 class IdentityFactory(Protocol):
     """Creates the identity at the factory, and opens it again on the device."""
     kind: str
 
-    def provision(self, device_dir: Path):
-        """Create the IDevID key; return its public key (the manufacturer certifies it)."""
+    def provision(self, device_dir: Path, n_device: bytes):
+        """Create the IDevID key and keep N_device (a 0600 file, or TPM NV); return the IDevID
+        public key (the manufacturer certifies it)."""
         ...
+
+    def idevid_binding(self, device_dir: Path) -> dict:
+        """Extra IDevID contents, e.g. {"extra_sans": [hardwareModuleName of the TPM]}."""
+        ...
+
+    def store_idevid(self, device_dir: Path, cert_pem: bytes) -> None: ...
 
     def open(self, device_dir: Path) -> DeviceIdentity: ...

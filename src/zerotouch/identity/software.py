@@ -18,6 +18,7 @@ IDEVID_KEY = "idevid.key"
 IDEVID_CERT = "idevid.pem"
 LDEVID_KEY = "ldevid.key"
 LDEVID_KEY_PENDING = "ldevid.key.pending"
+N_DEVICE_FILE = "n_device.secret"   # hex, 0600, written by the manufacturer
 
 
 class SoftwareIdentity:
@@ -68,17 +69,36 @@ class SoftwareIdentity:
     def ldevid_key_file(self) -> Path:
         return self.dir / LDEVID_KEY
 
+    def close(self) -> None:
+        pass
+
+    def tpm_evidence(self) -> None:
+        return None   # no TPM: the channel secret is sealed to an HPKE key instead
+
+    def tpm_activate(self, cred_blob: bytes, cred_secret: bytes) -> bytes:
+        raise NotImplementedError("a software identity has no TPM")
+
+    tpm_quote = tpm_activate
+
+    def n_device(self) -> bytes:
+        return bytes.fromhex((self.dir / N_DEVICE_FILE).read_text().strip())
+
 
 class SoftwareIdentityFactory:
     kind = "software"
 
-    def provision(self, device_dir: Path):
+    def provision(self, device_dir: Path, n_device: bytes):
         key = generate_p256()
         save_private_key(Path(device_dir) / IDEVID_KEY, key)
+        atomic_write(Path(device_dir) / N_DEVICE_FILE, n_device.hex().encode(), mode=0o600)
         return key.public_key()
 
     def store_idevid(self, device_dir: Path, cert_pem: bytes) -> None:
         atomic_write(Path(device_dir) / IDEVID_CERT, cert_pem)
+
+    def idevid_binding(self, device_dir: Path) -> dict:
+        """What the IDevID names besides serial and URN: nothing for a software key."""
+        return {}
 
     def open(self, device_dir: Path) -> SoftwareIdentity:
         return SoftwareIdentity(device_dir)

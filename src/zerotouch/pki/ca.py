@@ -71,11 +71,17 @@ class CertificateAuthority:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
 
     def issue_device(self, public_key, *, serial: str, urn: str, org: str | None = None,
-                     days: float = 365 * 20) -> x509.Certificate:
-        """IDevID / LDevID: device serial in the subject, device URN in the SAN (802.1AR)."""
-        b = self._builder(_name(serial, org, serial), public_key, days)
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(urn)]),
-                            critical=False)
+                     days: float = 365 * 20, model: str | None = None,
+                     extra_sans: list[x509.GeneralName] = ()) -> x509.Certificate:
+        """IDevID / LDevID: device serial in the subject, device URN in the SAN (802.1AR).
+        `model`: the device type, as the subject's OU (the gateway picks its PCR policy by it);
+        `extra_sans`: e.g. the hardwareModuleName naming the device's TPM (pki/hwmodule.py)."""
+        subject = _name(serial, org, serial)
+        if model:
+            subject = x509.Name(list(subject) + [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, model)])
+        b = self._builder(subject, public_key, days)
+        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(urn),
+                                                         *extra_sans]), critical=False)
         b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                           key_encipherment=False, data_encipherment=False,
                                           key_agreement=False, key_cert_sign=False, crl_sign=False,

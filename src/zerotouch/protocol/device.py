@@ -107,7 +107,10 @@ class DeviceOnboarding:
     # --- phase 4 ------------------------------------------------------------------------
     def hello_request(self) -> bytes:
         self._go(DeviceState.HELLO_SENT)
-        return self._sign(Hello(serial=self.serial, nonce=self._nonce, time=int(self._clock())))
+        evidence = self._id.tpm_evidence()   # (EK certificate, AK public area) or None
+        extra = dict(ek_cert=evidence[0], ak_public=evidence[1]) if evidence else {}
+        return self._sign(Hello(serial=self.serial, nonce=self._nonce, time=int(self._clock()),
+                                **extra))
 
     def receive_challenge(self, data: bytes) -> Challenge:
         if self.state is not DeviceState.HELLO_SENT:
@@ -131,6 +134,11 @@ class DeviceOnboarding:
             raise NotAuthorized("owner does not know this device's secret (N_device)")
         if challenge.expires + CLOCK_SKEW < self._clock():
             raise StaleMessage("challenge has expired")
+        if self._id.tpm_evidence() and (challenge.cred_blob is None or challenge.cred_secret is None
+                                        or challenge.pcr_mask is None):
+            # Our secret can only be sealed to the TPM: an owner that skips attestation cannot
+            # give us one, so say so instead of failing later.
+            raise MalformedMessage("owner did not ask for TPM attestation (no credential in the challenge)")
         self._owner_key = owner_key
         self._owner_ca_der = chain[0]
         self._challenge = challenge
@@ -140,11 +148,21 @@ class DeviceOnboarding:
     def prove_request(self) -> bytes:
         assert self._challenge is not None
         self._go(DeviceState.PROVE_SENT)
+        ch = self._challenge
+        extra = {}
+        if ch.cred_blob is not None and self._id.tpm_evidence():
+            # Activation proves our AK shares a TPM with our EK; the quote over the owner's
+            # fresh challenge says what software this TPM measured.
+            attest, sig, pcrs = self._id.tpm_quote(ch.challenge, ch.pcr_mask)
+            extra = dict(activation=self._id.tpm_activate(ch.cred_blob, ch.cred_secret),
+                         quote=attest, quote_sig=sig, pcr_values=pcrs)
+        else:
+            extra = dict(seal_key=self._id.new_seal_key())
         csr_der = self._id.create_ldevid_csr(self.serial, self.urn)
         csr = x509.load_der_x509_csr(csr_der)
         self._csr_key_fp = spki_fingerprint(csr.public_key())
-        return self._sign(Prove(session=self._challenge.session, challenge=self._challenge.challenge,
-                                csr=csr_der, seal_key=self._id.new_seal_key()), with_cert=False)
+        return self._sign(Prove(session=ch.session, challenge=ch.challenge, csr=csr_der, **extra),
+                          with_cert=False)
 
     # --- phase 5 ------------------------------------------------------------------------
     def receive_credentials(self, data: bytes) -> OnboardingResult:

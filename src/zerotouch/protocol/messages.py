@@ -54,11 +54,17 @@ class Redirect(Message):
 # --- phase 4: onboard -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello(Message):
-    """Device → gateway, signed by the IDevID key (x5chain carries the IDevID)."""
+    """Device → gateway, signed by the IDevID key (x5chain carries the IDevID).
+
+    A TPM device adds its EK certificate and the public area of its attestation key (AK):
+    the gateway checks the EK chain and answers with a credential only that TPM can activate.
+    """
     TYPE = 3
     serial: str = f(1, min_len=1, max_len=64)
     nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
     time: int = f(3)
+    ek_cert: Optional[bytes] = f(4, min_len=1, max_len=2048, optional=True)
+    ak_public: Optional[bytes] = f(5, min_len=1, max_len=512, optional=True)  # TPMT_PUBLIC
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,10 @@ class Challenge(Message):
     challenge: bytes = f(3, min_len=NONCE_LEN, max_len=NONCE_LEN)
     owner_proof: bytes = f(4, min_len=HASH_LEN, max_len=HASH_LEN)
     expires: int = f(5)
+    # TPM devices: TPM2_MakeCredential for (EK, AK name), and the PCRs to quote over `challenge`
+    cred_blob: Optional[bytes] = f(6, min_len=1, max_len=256, optional=True)    # TPM2B_ID_OBJECT
+    cred_secret: Optional[bytes] = f(7, min_len=1, max_len=512, optional=True)  # TPM2B_ENCRYPTED_SECRET
+    pcr_mask: Optional[int] = f(8, optional=True)   # bit i = PCR i of the sha256 bank
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,13 @@ class Prove(Message):
     session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
     challenge: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
     csr: bytes = f(3, min_len=1, max_len=4096)
-    seal_key: bytes = f(4, min_len=32, max_len=133)  # HPKE recipient public key (X25519 raw)
+    # HPKE recipient public key (X25519 raw); absent for a TPM device, whose secret is
+    # sealed to its EK instead (TPM2_Import)
+    seal_key: Optional[bytes] = f(4, min_len=32, max_len=133, optional=True)
+    activation: Optional[bytes] = f(5, min_len=1, max_len=64, optional=True)  # activated credential
+    quote: Optional[bytes] = f(6, min_len=1, max_len=1024, optional=True)     # TPMS_ATTEST
+    quote_sig: Optional[bytes] = f(7, min_len=1, max_len=512, optional=True)  # TPMT_SIGNATURE
+    pcr_values: Optional[bytes] = f(8, min_len=32, max_len=24 * 32, optional=True)  # sha256, in index order
 
 
 # --- phase 5: credentials -------------------------------------------------------------------
@@ -107,7 +123,7 @@ class Credentials(Message):
     session: bytes = f(1, min_len=SESSION_LEN, max_len=SESSION_LEN)
     nonce: bytes = f(2, min_len=NONCE_LEN, max_len=NONCE_LEN)
     ldevid: bytes = f(3, min_len=1, max_len=4096)
-    sealed_secret: bytes = f(4, min_len=1, max_len=512)
+    sealed_secret: bytes = f(4, min_len=1, max_len=1024)  # HPKE, or a TPM2_Import blob
     bundle: bytes = f(5, min_len=1, max_len=8192)  # COSE_Sign1 over a Bundle
 
 

@@ -36,10 +36,23 @@ def check_seal_key(recipient: bytes) -> x25519.X25519PublicKey:
     return pub
 
 
+def sealed_plaintext(*, serial: str, secret: bytes, nonce: bytes, n_device: bytes) -> bytes:
+    """What is sealed, to an HPKE key or to a TPM: the secret bound to device and onboarding."""
+    return SealedSecret(serial=serial, secret=secret, hmn=hmn(nonce, n_device)).encode()
+
+
+def check_sealed_plaintext(plain: bytes, *, serial: str, nonce: bytes, n_device: bytes) -> bytes:
+    """The channel secret inside an opened seal, if it is bound to this device and onboarding."""
+    msg = SealedSecret.decode(plain)
+    if msg.serial != serial or not hmac.compare_digest(msg.hmn, hmn(nonce, n_device)):
+        raise BadSignature("sealed secret is not bound to this onboarding (H(M|N) differs)")
+    return msg.secret
+
+
 def seal_secret(recipient: bytes, *, serial: str, session: bytes, secret: bytes,
                 nonce: bytes, n_device: bytes) -> bytes:
     pub = check_seal_key(recipient)
-    plain = SealedSecret(serial=serial, secret=secret, hmn=hmn(nonce, n_device)).encode()
+    plain = sealed_plaintext(serial=serial, secret=secret, nonce=nonce, n_device=n_device)
     try:
         return SUITE.encrypt(plain, pub, info=seal_info(serial, session))
     except ValueError:
@@ -53,7 +66,4 @@ def open_secret(private_key: x25519.X25519PrivateKey, blob: bytes, *, serial: st
         plain = SUITE.decrypt(blob, private_key, info=seal_info(serial, session))
     except Exception:
         raise BadSignature("sealed secret does not open with this device's key") from None
-    msg = SealedSecret.decode(plain)
-    if msg.serial != serial or not hmac.compare_digest(msg.hmn, hmn(nonce, n_device)):
-        raise BadSignature("sealed secret is not bound to this onboarding (H(M|N) differs)")
-    return msg.secret
+    return check_sealed_plaintext(plain, serial=serial, nonce=nonce, n_device=n_device)

@@ -39,7 +39,11 @@ def manufacturer_init(directory: Path, name: str = "zerotouch manufacturer") -> 
 
 async def manufacture(directory: Path, rendezvous_info: Path, *, count: int, identity: str,
                       register: bool, factory_est: str | None = None,
-                      station: Path | None = None) -> int:
+                      station: Path | None = None, tcti: str | None = None,
+                      model: str | None = None) -> int:
+    if identity == "tpm" and count != 1:
+        console.print("[red]--identity tpm makes one device per TPM: use --count 1 and one --tcti each")
+        return 2
     info = RendezvousInfo.load(rendezvous_info)
     factory = Manufacturer(directory)
     via = None
@@ -50,7 +54,8 @@ async def manufacture(directory: Path, rendezvous_info: Path, *, count: int, ide
         st = Path(station)
         via = idevid_via_est(factory_est, station_cert=st / "station.pem", station_key=st / "station.key",
                              ca_pem=(st / "manufacturer-ca.pem").read_text())
-    made = [factory.make_device(directory, info, identity=identity, idevid_via=via) for _ in range(count)]
+    made = [factory.make_device(directory, info, identity=identity, idevid_via=via, tcti=tcti,
+                                model=model) for _ in range(count)]
     failed = 0
     if register:
         for dev, (status, body) in zip(made, await register_devices(info, [d.registration for d in made])):
@@ -122,13 +127,14 @@ async def gateway_inventory(directory: Path, as_json: bool) -> int:
         await gw.store.close()
     if as_json:
         print(json.dumps([{"serial": r.serial, "state": r.state.value, "description": r.description,
-                           "last_error": r.last_error} for r in recs], indent=2))
+                           "last_error": r.last_error, "attestation": r.attestation}
+                          for r in recs], indent=2))
         return 0
     table = Table(title="inventory")
-    for col in ("serial", "state", "description", "last error"):
+    for col in ("serial", "state", "description", "attestation", "last error"):
         table.add_column(col)
     for r in recs:
-        table.add_row(r.serial, r.state.value, r.description, r.last_error or "")
+        table.add_row(r.serial, r.state.value, r.description, r.attestation or "", r.last_error or "")
     Console().print(table)
     return 0
 

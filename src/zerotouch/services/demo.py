@@ -48,6 +48,7 @@ class DemoOptions:
     operational: bool = False
     transport: str = "http"
     coap_security: str = "edhoc"  # with transport coap: none | edhoc (transport/coap/security.py)
+    identity: str = "software"   # tpm: one swtpm per device (services/demo_tpm.py)
 
 
 @dataclass
@@ -74,7 +75,11 @@ class DemoResult:
     mean_bytes_sent: float | None = None
     mean_bytes_received: float | None = None
     largest_device_message: int | None = None
+    identity: str = "software"
     coap_security: str | None = None
+    mean_wire_ms: float | None = None      # waiting for answers: network + servers
+    mean_tpm_ms: float | None = None       # tpm identity: time in TPM commands
+    mean_tpm_commands: float | None = None
     reports: list[AgentReport] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -82,7 +87,8 @@ class DemoResult:
                 "onboarding_s", "throughput_per_s", "concurrency", "operational_devices",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
                 "db", "terminus", "state_dir", "transport", "mean_bytes_sent",
-                "mean_bytes_received", "largest_device_message", "coap_security")
+                "mean_bytes_received", "largest_device_message", "identity", "mean_wire_ms",
+                "mean_tpm_ms", "mean_tpm_commands", "coap_security")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -186,6 +192,17 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             console.print("[yellow]Mosquitto is not installed (apt-get install mosquitto): devices "
                           "onboard but no terminus runs, so no telemetry is measured.[/yellow]")
 
+        tpms = None
+        if opts.identity == "tpm":
+            # one swtpm per device; the owner trusts their maker and pins a known-good device's
+            # PCRs, before the gateways start (they read trust and policies at start)
+            from .demo_tpm import SwtpmFleet
+            tpms = SwtpmFleet(root)
+            _TPM_FLEETS.append(tpms)
+            await tpms.start(opts.devices)
+            model = tpms.configure_gateway(root / "gateway")
+            console.print(f"{opts.devices} software TPMs running; PCR policy {model!r} captured")
+
         # With CoAP, each server also listens on UDP on the same port number as its HTTPS.
         # Every simulated device sends from 127.0.0.1, so the per-source CoAP rate limits are off here.
         coap_flag = (["--coap", "--coap-security", opts.coap_security, "--coap-rate", "0",
@@ -204,7 +221,11 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                 raise
 
         # Factory: identities, IDevIDs, labels, registration at the rendezvous.
-        made = [factory.make_device(root / "factory", info) for _ in range(opts.devices)]
+        if tpms:
+            made = [factory.make_device(root / "factory", info, identity="tpm", tcti=t.tcti,
+                                        model=model) for t in tpms.tpms]
+        else:
+            made = [factory.make_device(root / "factory", info) for _ in range(opts.devices)]
         regs = await register_devices(info, [d.registration for d in made])
         bad = [s for s, _ in regs if s != 201]
         if bad:
@@ -249,8 +270,13 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                     transport = device_transport(opts.transport, read_factory(dev.device_dir),
                                                  **({"security": opts.coap_security,
                                                      "device_dir": dev.device_dir} if coap else {}))
-                    agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
-                    report = await agent.run(telemetry=telemetry)
+                    if tpms:   # each device's agent is its own process, as on real hardware
+                        from .demo_tpm import run_agent_process
+                        report = await run_agent_process(dev.device_dir, telemetry=telemetry,
+                                                         log_dir=root / "logs")
+                    else:
+                        agent = Agent(dev.device_dir, transport=transport, max_attempts=5, deadline_s=60)
+                        report = await agent.run(telemetry=telemetry)
                 reports.append(report)
                 if getattr(transport, "largest_sent", None) is not None:
                     largest.append(transport.largest_sent)
@@ -288,7 +314,11 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             transport=opts.transport, coap_security=opts.coap_security if coap else None,
             mean_bytes_sent=_mean([r.bytes_sent for r in reports if r.onboarded]),
             mean_bytes_received=_mean([r.bytes_received for r in reports if r.onboarded]),
-            largest_device_message=max(largest) if largest else None)
+            largest_device_message=max(largest) if largest else None, identity=opts.identity,
+            mean_wire_ms=_round(_mean([r.wire_ms for r in reports if r.onboarded and r.wire_ms is not None])),
+            mean_tpm_ms=_round(_mean([r.tpm_ms for r in reports if r.onboarded and r.tpm_ms is not None])),
+            mean_tpm_commands=_round(_mean([r.tpm_commands for r in reports
+                                            if r.onboarded and r.tpm_commands is not None])))
         for r in result.reports:
             r.telemetry_sent = counts.get(r.serial, 0) if observer else 0
         if opts.serve:
@@ -303,6 +333,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
     finally:
         if not opts.serve:
             await _shutdown(procs, balancer, observer, terminus)
+            while _TPM_FLEETS:
+                _TPM_FLEETS.pop().stop()
             if schema:
                 await _pg_schema(opts.db, False, schema)
             if temp:
@@ -312,6 +344,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
 
 
 _SERVING: list = []
+_TPM_FLEETS: list = []   # swtpm processes to stop with the demo
 
 
 async def _shutdown(procs, balancer, observer, terminus) -> None:
@@ -362,6 +395,10 @@ def print_summary(result: DemoResult, console: Console) -> None:
             ("bytes per device sent / received (mean)",
              f"{result.mean_bytes_sent} / {result.mean_bytes_received}"),
             ("largest device message (bytes)", result.largest_device_message or "-"),
+            ("device identity", result.identity),
+            ("per device: waiting for answers / in the TPM (ms, mean)",
+             f"{result.mean_wire_ms} / {result.mean_tpm_ms if result.identity == 'tpm' else '-'}"
+             + (f" ({result.mean_tpm_commands} TPM commands)" if result.identity == "tpm" else "")),
             ("gateway replicas (connections each)" if result.transport == "http"
              else "gateway replicas (devices claimed to each)",
              f"{result.gateway_replicas} ({result.gateway_connections})"),
@@ -376,7 +413,8 @@ def run_demo_cli(args) -> int:
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
                        json=args.json, serve=args.serve, operational=args.operational,
                        transport=getattr(args, "transport", "http"),
-                       coap_security=getattr(args, "coap_security", "edhoc"))
+                       coap_security=getattr(args, "coap_security", "edhoc"),
+                       identity=getattr(args, "identity", "software"))
     if opts.devices < 1:
         print("--devices must be at least 1", file=sys.stderr)
         return 2

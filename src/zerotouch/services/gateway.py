@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..attestation.ek import EkVerifier
 from ..pki.ca import device_identity, load_der_cert, public_key_of
 from ..pki.keys import cert_fingerprint
 from ..protocol import cose
@@ -33,6 +34,7 @@ from ..protocol.tte import parse_label
 from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import InventoryRecord, SessionRecord, Store
 from ..protocol.sealing import check_seal_key
+from .attestation import AttestationFailed, TpmAttestation, summary as attestation_summary
 from .vault import Vault, check_csr
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ def rendezvous_status_client(rendezvous_url: str, ca_pem: str | None) -> StatusQ
 class GatewayService:
     def __init__(self, store: Store, vault: Vault, config: GatewayConfig,
                  notify_rendezvous: Notifier | None = None,
-                 query_rendezvous: StatusQuery | None = None):
+                 query_rendezvous: StatusQuery | None = None,
+                 tpm: TpmAttestation | None = None):
         if config.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, not {config.admission!r}")
         self.store = store
@@ -90,6 +93,9 @@ class GatewayService:
         self.cfg = config
         self.notify_rendezvous = notify_rendezvous
         self.query_rendezvous = query_rendezvous
+        # TPM evidence is checked against the owner's TPM maker roots and PCR policies; with
+        # none configured, TPM devices are refused (and say why) and software ones onboard.
+        self.tpm = tpm or TpmAttestation(EkVerifier([]))
 
     # --- inventory ----------------------------------------------------------------------
     async def register_label(self, label_url: str, description: str = "") -> InventoryRecord:
@@ -255,13 +261,27 @@ class GatewayService:
             proof = await self.vault.owner_proof(msg.serial, msg.nonce)
         except NotFound:
             raise not_ours from None
+        try:
+            tpm = self.tpm.begin(msg, cert)
+        except AttestationFailed as exc:
+            await self._attestation_failed(msg.serial, exc)
+            raise
         expires = now + self.cfg.session_ttl
         await self.store.sessions.start(SessionRecord(
             id=session, serial=msg.serial, nonce=msg.nonce, challenge=challenge,
             idevid_fp=cert_fingerprint(cert), state=SessionState.CHALLENGED, expires=expires,
-            idevid_der=cert.public_bytes(Encoding.DER)))
+            idevid_der=cert.public_bytes(Encoding.DER), attestation=tpm.state if tpm else None))
+        extra = {}
+        if tpm:
+            extra = dict(cred_blob=tpm.cred_blob, cred_secret=tpm.cred_secret, pcr_mask=tpm.pcr_mask)
         return await self.vault.sign(Challenge(session=session, nonce=msg.nonce, challenge=challenge,
-                                               owner_proof=proof, expires=int(expires)).encode())
+                                               owner_proof=proof, expires=int(expires),
+                                               **extra).encode())
+
+    async def _attestation_failed(self, serial: str, exc: AttestationFailed) -> None:
+        """The reason goes on the device's record (`gateway inventory` shows it)."""
+        reason = f"attestation failed: {exc.message}"[:512]
+        await self.store.inventory.update(serial, last_error=reason, attestation=reason)
 
     async def _session_message(self, body: bytes, cls, target: SessionState):
         """A prove/done: (message, IDevID, session). The device may carry its IDevID (x5chain)
@@ -305,14 +325,30 @@ class GatewayService:
             _serial, urn = device_identity(cert)
             # Check everything the device sent before the session moves or anything is issued.
             check_csr(msg.csr)
-            check_seal_key(msg.seal_key)
+            ek_cert = None
+            if sess.attestation:
+                try:
+                    ek_cert = self.tpm.check(sess.attestation, msg, sess.challenge, cert)
+                except AttestationFailed as exc:
+                    await self._attestation_failed(sess.serial, exc)
+                    raise
+            elif msg.seal_key is None or msg.activation is not None or msg.quote is not None:
+                raise MalformedMessage("prove needs a seal key (and TPM evidence only after a TPM hello)")
+            else:
+                check_seal_key(msg.seal_key)
             # Compare-and-set first: a replayed or concurrent prove gets nothing issued.
             if not await self.store.sessions.advance(sess.id, SessionState.CHALLENGED,
                                                      SessionState.CREDENTIALED):
                 raise Conflict("session was already answered")
             ldevid = await self.vault.issue_ldevid(msg.csr, sess.serial, urn, self.cfg.ldevid_days)
-            sealed = await self.vault.seal_channel_secret(sess.serial, seal_key=msg.seal_key,
-                                                          session=sess.id, nonce=sess.nonce)
+            if ek_cert is not None:
+                sealed = await self.vault.seal_channel_secret_tpm(sess.serial, ek_cert=ek_cert,
+                                                                  session=sess.id, nonce=sess.nonce)
+                await self.store.inventory.update(sess.serial,
+                                                  attestation=attestation_summary(sess.attestation))
+            else:
+                sealed = await self.vault.seal_channel_secret(sess.serial, seal_key=msg.seal_key,
+                                                              session=sess.id, nonce=sess.nonce)
             owner_ca = await self.vault.owner_ca_der()
             bundle = await self.vault.sign(Bundle(
                 serial=sess.serial, terminus_host=self.cfg.terminus_host,
@@ -321,6 +357,8 @@ class GatewayService:
                 issued=int(self.cfg.clock())).encode(), with_chain=False)  # owner_ca is inside
             ldevid_serial = format(x509.load_der_x509_certificate(ldevid).serial_number, "x")
             await self.store.sessions.store_ldevid(sess.id, sess.serial, ldevid, ldevid_serial)
+        except AttestationFailed:
+            raise   # recorded above
         except ProtocolError as exc:
             await self.store.inventory.update(sess.serial, last_error=f"prove: {exc.message}"[:512])
             raise

@@ -30,7 +30,7 @@ from ..util.files import atomic_write, atomic_write_json, read_json
 CA_KEY = "manufacturer-ca.key"
 CA_CERT = "manufacturer-ca.pem"
 FACTORY_FILE = "factory.json"
-SECRET_FILE = "n_device.secret"
+SECRET_FILE = "n_device.secret"   # software identity only (identity/software.py N_DEVICE_FILE)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ class Manufacturer:
 
     def make_device(self, out_dir: Path, rendezvous: RendezvousInfo, *, identity: str = "software",
                     idevid_via: Callable[[bytes], x509.Certificate] | None = None,
-                    devid: str | None = None, otp: bytes | None = None) -> MadeDevice:
+                    devid: str | None = None, otp: bytes | None = None, model: str | None = None,
+                    tcti: str | None = None) -> MadeDevice:
         """`idevid_via(csr_der) -> IDevID`: certify the device key elsewhere (the factory EST
         service, `factory_est.idevid_via_est`) instead of with the in-process CA.
         `devid` / `otp`: a chosen Device ID and 8-byte OTP (a bulk box derives them); by
@@ -103,10 +104,17 @@ class Manufacturer:
         urn = f"{DEVICE_URN_PREFIX}{serial}"
         device_dir = devices_dir / serial
         device_dir.mkdir(mode=0o700)
-        backend = identity_factory(identity)
-        public_key = backend.provision(device_dir)
+        backend = identity_factory(identity, **({"tcti": tcti} if tcti else {}))
+        n_device = otp if otp is not None else os.urandom(8)  # 64 bits: the OTP on the label
+        try:
+            public_key = backend.provision(device_dir, n_device)
+            binding = backend.idevid_binding(device_dir)   # e.g. the TPM's EK for the SAN
+        except BaseException:
+            shutil.rmtree(device_dir)
+            raise
         if idevid_via is None:
-            idevid = self.ca.issue_device(public_key, serial=serial, urn=urn, org=self.name)
+            idevid = self.ca.issue_device(public_key, serial=serial, urn=urn, org=self.name,
+                                          model=model, extra_sans=binding.get("extra_sans", []))
         else:
             try:
                 idevid = self._idevid_from(idevid_via, backend, device_dir, public_key, serial, urn)
@@ -114,11 +122,9 @@ class Manufacturer:
                 shutil.rmtree(device_dir)   # no half-made device without an IDevID
                 raise
         backend.store_idevid(device_dir, cert_pem(idevid))
-        n_device = otp if otp is not None else os.urandom(8)  # 64 bits: the OTP on the label
-        atomic_write(device_dir / SECRET_FILE, n_device.hex().encode(), mode=0o600)
         atomic_write(device_dir / "manufacturer-ca.pem", self.ca_pem)
         atomic_write_json(device_dir / FACTORY_FILE, {
-            "serial": serial, "urn": urn, "identity": identity,
+            "serial": serial, "urn": urn, "identity": identity, **({"tcti": tcti} if tcti else {}),
             "rendezvous_url": rendezvous.url, "rendezvous_key_pem": rendezvous.key_pem,
             "rendezvous_tls_ca_pem": rendezvous.tls_ca_pem,
             **({"rendezvous_edhoc_fp": rendezvous.edhoc_fingerprint}

@@ -222,7 +222,10 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     from .gateway import rendezvous_status_client
     query = (rendezvous_status_client(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
              if cfg.get("rendezvous_url") else None)
-    service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier, query_rendezvous=query)
+    from .attestation import TpmAttestation
+    # TPM maker roots and PCR policies from the gateway dir (zerotouch tpm trust / policy install)
+    service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier, query_rendezvous=query,
+                             tpm=TpmAttestation.load(d))
     # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
     est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
     return RunningGateway(service, store, cfg, d, notifier, remote, est)

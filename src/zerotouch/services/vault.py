@@ -25,7 +25,7 @@ from ..pki.keys import (cert_der, generate_p256, load_cert, load_private_key, sa
 from ..protocol import cose
 from ..protocol.errors import NotFound, MalformedMessage
 from ..protocol.proofs import owner_proof
-from ..protocol.sealing import seal_secret
+from ..protocol.sealing import seal_secret, sealed_plaintext
 from ..storage.base import CertRepo, SecretRepo
 from ..util.files import atomic_write
 
@@ -64,6 +64,10 @@ class Vault(Protocol):
     async def seal_channel_secret(self, serial: str, *, seal_key: bytes, session: bytes,
                                   nonce: bytes) -> bytes:
         """Make a new channel secret, store it, return it sealed to the device (HPKE)."""
+
+    async def seal_channel_secret_tpm(self, serial: str, *, ek_cert: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        """The same, sealed so that only the TPM of that EK can open it (TPM2_Import blob)."""
 
 
 def init_vault_dir(directory: Path, *, owner_name: str = "zerotouch owner") -> None:
@@ -199,6 +203,20 @@ class LocalVault:
         secret = os.urandom(32)
         sealed = seal_secret(seal_key, serial=serial, session=session, secret=secret,
                              nonce=nonce, n_device=n_device)
+        await self._secrets.put("channel", serial, self._enc("channel", serial, secret))
+        return sealed
+
+    async def seal_channel_secret_tpm(self, serial: str, *, ek_cert: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        from ..attestation.duplicate import seal_to_tpm
+        try:
+            ek_key = x509.load_der_x509_certificate(ek_cert).public_key()
+        except (ValueError, x509.InvalidVersion):
+            raise MalformedMessage("EK certificate is not DER X.509") from None
+        n_device = await self._n_device(serial)
+        secret = os.urandom(32)
+        plain = sealed_plaintext(serial=serial, secret=secret, nonce=nonce, n_device=n_device)
+        sealed = seal_to_tpm(ek_key, plain).to_bytes()
         await self._secrets.put("channel", serial, self._enc("channel", serial, secret))
         return sealed
 

@@ -166,3 +166,8 @@ class RemoteVault:
                                   nonce: bytes) -> bytes:
         return await self._call("seal_channel_secret", serial=serial, seal_key=seal_key,
                                 session=session, nonce=nonce)
+
+    async def seal_channel_secret_tpm(self, serial: str, *, ek_cert: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        return await self._call("seal_channel_secret_tpm", serial=serial, ek_cert=ek_cert,
+                                session=session, nonce=nonce)

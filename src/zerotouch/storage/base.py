@@ -36,6 +36,7 @@ class InventoryRecord:
     last_error: str | None = None
     created_at: float = 0.0
     onboarded_at: float | None = None
+    attestation: str | None = None    # how the TPM was attested, or why it was refused
 
 
 @dataclass
@@ -49,6 +50,7 @@ class SessionRecord:
     expires: float
     ldevid_der: bytes | None = None
     idevid_der: bytes | None = None   # so prove/done may name the key by kid instead of carrying it
+    attestation: bytes | None = None  # TPM evidence from hello (services/attestation.py)
 
 
 class RendezvousRepo(Protocol):

@@ -43,6 +43,7 @@ gw_inventory = Table(
     Column("last_error", String(512)),
     Column("created_at", Float, nullable=False),
     Column("onboarded_at", Float),
+    Column("attestation", String(512)),
 )
 
 gw_sessions = Table(
@@ -56,6 +57,7 @@ gw_sessions = Table(
     Column("expires", Float, nullable=False),
     Column("ldevid_der", LargeBinary),
     Column("idevid_der", LargeBinary),
+    Column("attestation", LargeBinary),   # TPM evidence from hello (services/attestation.py)
     Index("ix_gw_sessions_expires", "expires"),
     # A nonce answers one hello only: a replayed hello cannot open a second session.
     Index("ux_gw_sessions_serial_nonce", "serial", "nonce", unique=True),

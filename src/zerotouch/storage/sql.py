@@ -259,7 +259,8 @@ class SqlSessionRepo(_Repo):
             async with self.e.begin() as c:
                 await c.execute(insert(gw_sessions).values(**values))
                 await c.execute(update(gw_inventory).where(gw_inventory.c.serial == rec.serial).values(
-                    state=InventoryState.ONBOARDING.value, idevid_fp=rec.idevid_fp, last_error=None))
+                    state=InventoryState.ONBOARDING.value, idevid_fp=rec.idevid_fp, last_error=None,
+                    attestation=None))
         except IntegrityError:
             raise Conflict("this hello was already answered (replayed nonce)") from None
 

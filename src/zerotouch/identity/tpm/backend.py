@@ -19,6 +19,7 @@ session flushed), so a device can onboard any number of times without filling th
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -33,7 +34,7 @@ from ...protocol.errors import BadSignature, MalformedMessage
 from ...protocol.sealing import check_sealed_plaintext
 from ...util.files import atomic_write, fsync_dir
 from . import keys
-from .core import Tpm, TpmError
+from .core import Tpm, TpmError, _CountingESAPI
 from .quote import quote, read_pcrs
 from .sealing import UnsealError, unseal_imported
 
@@ -42,6 +43,32 @@ EK_CERT = "tpm-ek.der"           # public: sent at hello
 AK_PUBLIC = "tpm-ak.pub"         # public: marshalled TPMT_PUBLIC, sent at hello
 LDEVID_KEY = "ldevid.tss2.pem"   # TPM-wrapped: loadable only by this TPM (parent: the SRK)
 LDEVID_KEY_PENDING = "ldevid.tss2.pem.pending"
+
+
+class CommandCounter:
+    """Wraps the Tpm's counting ESAPI context: adds the time spent in TPM commands (for the
+    figures of an onboarding: how much of it is the TPM). Same rule as core._CountingESAPI
+    for what is a TPM command."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self.commands = 0
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        attr = getattr(self._ctx, name)
+        if not callable(attr) or name.startswith("_") or (
+                name.startswith(_CountingESAPI._LOCAL) and name != "tr_from_tpmpublic"):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.commands += 1
+                self.seconds += time.perf_counter() - t0
+        return timed
 
 
 def _mask_indices(mask: int) -> list[int]:
@@ -58,17 +85,30 @@ class TpmIdentity:
         self.tcti = tcti
         self._tpm: Tpm | None = None
         self._evidence: tuple[bytes, bytes] | None = None
+        self.tpm_commands = 0        # over this identity's lifetime, closed connections included
+        self.tpm_seconds = 0.0
 
     @property
     def tpm(self) -> Tpm:
         if self._tpm is None:
             self._tpm = Tpm(self.tcti)
+            self._tpm._counting = self._counter = CommandCounter(self._tpm._counting)
         return self._tpm
+
+    def tpm_usage(self) -> tuple[int, float]:
+        """(TPM commands, seconds in them) so far."""
+        live = self._counter if self._tpm is not None else None
+        return (self.tpm_commands + (live.commands if live else 0),
+                self.tpm_seconds + (live.seconds if live else 0.0))
 
     def close(self) -> None:
         tpm, self._tpm = self._tpm, None
         if tpm is not None:
-            tpm.close()
+            try:
+                tpm.close()
+            finally:
+                self.tpm_commands += self._counter.commands
+                self.tpm_seconds += self._counter.seconds
 
     # -- IDevID ------------------------------------------------------------------------------
     def idevid_signer(self):

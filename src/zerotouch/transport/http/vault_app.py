@@ -50,6 +50,8 @@ OPS: dict[str, tuple[str, dict[str, type], type]] = {
     "make-crl": ("make_crl", {"next_update_s": float}, bytes),
     "seal-channel-secret": ("seal_channel_secret", {"serial": str, "seal_key": bytes,
                                                     "session": bytes, "nonce": bytes}, bytes),
+    "seal-channel-secret-tpm": ("seal_channel_secret_tpm", {"serial": str, "ek_cert": bytes,
+                                                            "session": bytes, "nonce": bytes}, bytes),
 }
 OP_OF_METHOD = {method: op for op, (method, _a, _r) in OPS.items()}
 
