@@ -3,9 +3,13 @@
 The local CA (swtpm_localca) is kept per test session in a temporary directory, not in
 /var/lib/swtpm-localca, so tests never depend on or touch machine state. Its root certificate
 plays the TPM manufacturer root the owner chooses to trust.
+
+`swtpm_rm` puts a resource manager (tpm2-abrmd, as /dev/tpmrm0 on a real device) in front of
+the swtpm: one private D-Bus session bus per test session, one abrmd per swtpm.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,6 +25,9 @@ from support import need  # noqa: E402
 from zerotouch.util.swtpm import LocalCA, SwTPM, have_swtpm, make_local_ca, manufacture, start, stop  # noqa: E402,F401
 
 from zerotouch.util.swtpm import INSTALL_HINT as INSTALL  # noqa: E402
+from zerotouch.util.swtpm import (  # noqa: E402
+    ABRMD_INSTALL_HINT, SessionBus, abrmd_missing, start_abrmd, start_session_bus, stop_abrmd,
+    stop_session_bus)
 
 
 def _have_tools() -> bool:
@@ -75,3 +82,28 @@ def swtpm(swtpm_factory) -> SwTPM:
 @pytest.fixture
 def tcti(swtpm) -> str:
     return swtpm.tcti
+
+
+@pytest.fixture(scope="session")
+def dbus_session_bus(tmp_path_factory) -> SessionBus:
+    """A private D-Bus session bus for the resource managers (started on first use)."""
+    missing = abrmd_missing()
+    if missing:
+        need(", ".join(missing), ABRMD_INSTALL_HINT)
+    bus = start_session_bus(tmp_path_factory.mktemp("dbus"))
+    yield bus
+    stop_session_bus(bus)
+
+
+@pytest.fixture
+def swtpm_rm(swtpm_factory, dbus_session_bus, monkeypatch) -> SwTPM:
+    """A fresh swtpm behind its own tpm2-abrmd: `.tcti` is
+    tabrmd:bus_type=session,bus_name=NAME. DBUS_SESSION_BUS_ADDRESS is set for the test (the
+    tabrmd TCTI reads it, in this process and in the children it starts)."""
+    if not _have_tools():
+        need("swtpm", INSTALL)
+    tpm = swtpm_factory()
+    rm = start_abrmd(tpm, dbus_session_bus)
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", dbus_session_bus.address)
+    yield dataclasses.replace(tpm, tcti=rm.tcti)
+    stop_abrmd(rm)

@@ -2,8 +2,10 @@
 
 The TLS client runs in a child Python process started with `tpm_tls_environment(...)`, as the
 agent would: OpenSSL providers can only be activated by configuration read at start-up.
-The parent closes its own TPM connection first: swtpm serves one connection at a time and the
-provider holds its connection for the child's lifetime.
+The handshake needs a resource manager in front of the TPM (`swtpm_rm`: tpm2-abrmd, as
+/dev/tpmrm0 on a device): with the provider's digests, it uses more objects than swtpm's 3
+slots. Straight on swtpm (`swtpm`) the parent closes its own TPM connection first: swtpm
+serves one connection at a time and the provider holds its connection for the child's lifetime.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from zerotouch.identity.tpm.core import Tpm
-from zerotouch.identity.tpm.keys import create_signing_key, provision, tss2_private_key_pem
+from zerotouch.identity.tpm.keys import (
+    create_signing_key, parse_tss2_private_key_pem, provision, tss2_private_key_pem)
 from zerotouch.identity.tpm.openssl_env import tpm_provider_available, tpm_tls_environment
 from zerotouch.pki.external_csr import build_csr
 
@@ -63,8 +66,18 @@ class LocalTestCA:
 @pytest.fixture
 def device_files(swtpm, tmp_path):
     """Provisioned swtpm + LDevID key in it + certificate for that key from a test CA."""
+    return _device_files(swtpm.tcti, tmp_path)
+
+
+@pytest.fixture
+def rm_device_files(swtpm_rm, tmp_path):
+    """The same, with the swtpm behind a resource manager (tpm2-abrmd)."""
+    return _device_files(swtpm_rm.tcti, tmp_path)
+
+
+def _device_files(tcti: str, tmp_path: Path):
     ca = LocalTestCA()
-    with Tpm(swtpm.tcti) as tpm:
+    with Tpm(tcti) as tpm:
         provision(tpm, os.urandom(16))
         blob = create_signing_key(tpm)
         with blob.load_signer(tpm) as signer:
@@ -120,10 +133,14 @@ if port:
 """
 
 
-def _child(files: Path, port: int, tcti: str) -> subprocess.CompletedProcess:
+def _child_cmd(files: Path, port: int, tcti: str) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, **tpm_tls_environment(tcti, files / "openssl"))
-    return subprocess.run([sys.executable, "-c", CLIENT, str(files), str(port)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return [sys.executable, "-c", CLIENT, str(files), str(port)], env
+
+
+def _child(files: Path, port: int, tcti: str) -> subprocess.CompletedProcess:
+    cmd, env = _child_cmd(files, port, tcti)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_child_loads_tss2_key_and_cryptography_still_works(device_files, swtpm):
@@ -133,18 +150,46 @@ def test_child_loads_tss2_key_and_cryptography_still_works(device_files, swtpm):
     assert "loaded" in r.stdout
 
 
-@pytest.mark.xfail(reason="OpenSSL 3.0 + tpm2-openssl 1.1.1: signing needs ?provider=tpm2, "
-                          "which also moves the TLS transcript hashes into the TPM; swtpm "
-                          "(no resource manager, 3 object slots) runs out of object contexts",
-                   strict=False)
-def test_tls_handshake_with_tpm_resident_client_key(device_files, swtpm):
-    files, cert = device_files
+def test_tls_handshake_with_tpm_resident_client_key(rm_device_files, swtpm_rm):
+    files, cert = rm_device_files
     port, seen, thread = _server(files)
-    r = _child(files, port, swtpm.tcti)
+    r = _child(files, port, swtpm_rm.tcti)
     thread.join(30)
     assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split()[-2:] == ["TLSv1.3", "ok"], r.stdout
     assert seen and isinstance(seen[0], bytes), seen
     assert x509.load_der_x509_certificate(seen[0]) == cert
+
+
+def test_onboarding_and_tls_use_the_tpm_at_the_same_time(rm_device_files, swtpm_rm):
+    """Through the resource manager, this process (tpm2-pytss, as onboarding/telemetry would)
+    keeps a TPM context with the LDevID loaded and signs with it while the TLS child holds the
+    provider's connection and does its handshake."""
+    files, cert = rm_device_files
+    blob, _parent = parse_tss2_private_key_pem((files / "ldevid.tss2.pem").read_bytes())
+    port, seen, thread = _server(files)
+    signed = 0
+    with Tpm(swtpm_rm.tcti) as tpm, blob.load_signer(tpm) as signer:
+        cmd, env = _child_cmd(files, port, swtpm_rm.tcti)
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            while child.poll() is None:
+                msg = b"telemetry %d" % signed
+                cert.public_key().verify(signer.sign_der(msg), msg, ec.ECDSA(hashes.SHA256()))
+                signed += 1
+            out, err = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        msg = b"after the child"
+        cert.public_key().verify(signer.sign_der(msg), msg, ec.ECDSA(hashes.SHA256()))
+    thread.join(30)
+    assert child.returncode == 0, err[-1500:]
+    assert "TLSv1.3 ok" in out, out
+    assert seen and x509.load_der_x509_certificate(seen[0]) == cert
+    assert signed >= 1  # at least one signature while the child was running
 
 
 def test_key_file_does_not_work_with_another_tpm(device_files, swtpm_factory):

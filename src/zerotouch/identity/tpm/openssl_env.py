@@ -10,17 +10,22 @@ Findings behind this module (swtpm, system OpenSSL 3.0.22 under Python's ssl, tp
   * ``import cryptography`` works in such a process (it reads the same OPENSSL_CONF);
   * ``ssl.SSLContext.load_cert_chain(cert.pem, key.tss2.pem)`` accepts the TSS2 PEM (the tpm2
     provider's decoder loads the key under the SRK); with another TPM it raises ssl.SSLError;
-  * the handshake does NOT yet complete on swtpm. OpenSSL 3.0 fetches the ECDSA signature
-    from the first matching provider, not from the key's: without a property preference the
-    default provider gets a public-only export ("missing private key"); with
-    ``default_properties = ?provider=tpm2`` (tpm2-openssl's documented recipe, used below)
-    the TLS transcript hashes also run as TPM hash sequences and swtpm, with no resource
-    manager and 3 object slots, fails EVP_MD_CTX_copy with "out of memory for object
-    contexts". Ways out: /dev/tpmrm0 or tpm2-abrmd (context swapping), OpenSSL >= 3.2
-    (tries the key's provider first), or a tpm2-openssl build without digests;
+  * signing needs ``default_properties = ?provider=tpm2`` (tpm2-openssl's documented recipe,
+    used below): OpenSSL 3.0 fetches the ECDSA signature from the first matching provider, not
+    from the key's, and without the preference the default provider gets a public-only export
+    ("missing private key"). The preference also moves the TLS transcript hashes into the TPM
+    (hash sequence objects, duplicated by EVP_MD_CTX_copy);
+  * so the TPM must be behind a resource manager, as on a real device (/dev/tpmrm0, TCTI
+    ``device:/dev/tpmrm0``) or tpm2-abrmd (TCTI ``tabrmd:bus_type=session,bus_name=NAME``, see
+    zerotouch.util.swtpm): it swaps the sequence objects out, and the handshake completes
+    (TLS 1.3, tested on swtpm behind tpm2-abrmd 3.0.0). Straight on swtpm (no resource
+    manager, 3 object slots) it fails in ContextLoad with TPM_RC_OBJECT_MEMORY;
   * paho-mqtt only takes an ``ssl.SSLContext``, so it inherits exactly the ssl behaviour above;
   * the provider opens its TPM connection when loaded and keeps it for the process lifetime:
-    on swtpm's single-connection socket no other client (tpm2-pytss) gets in meanwhile.
+    on swtpm's single-connection socket no other client (tpm2-pytss) gets in meanwhile;
+    behind a resource manager both share the TPM at the same time;
+  * a tabrmd TCTI on the session bus also needs DBUS_SESSION_BUS_ADDRESS in the child's
+    environment (the TCTI string cannot name the bus): ``tpm_tls_environment`` adds it.
 """
 from __future__ import annotations
 
@@ -85,9 +90,27 @@ def _system_config() -> str | None:
     return None  # the system openssl_conf would compete with ours for the same key
 
 
-def tpm_tls_environment(tcti: str, workdir: Path) -> dict[str, str]:
+def _needs_session_bus(tcti: str) -> bool:
+    name, _, conf = tcti.partition(":")
+    return name in ("tabrmd", "libtss2-tcti-tabrmd.so.0") and "bus_type=session" in conf
+
+
+def tpm_tls_environment(tcti: str, workdir: Path, *,
+                        dbus_address: str | None = None) -> dict[str, str]:
     """Write ``workdir/openssl-tpm2.cnf`` and return the variables to add to a child process's
-    environment so its ``ssl`` contexts can use TSS2 PEM keys in the TPM at ``tcti``."""
+    environment so its ``ssl`` contexts can use TSS2 PEM keys in the TPM at ``tcti``.
+
+    The TPM should be behind a resource manager (``device:/dev/tpmrm0`` or tpm2-abrmd): the
+    handshake needs more object slots than a bare TPM has. For tpm2-abrmd on a session bus
+    (``tabrmd:bus_type=session,...``) the bus address is ``dbus_address`` or, by default, this
+    process's DBUS_SESSION_BUS_ADDRESS."""
+    env = {}
+    if _needs_session_bus(tcti):
+        address = dbus_address or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+        if not address:
+            raise RuntimeError(f"TCTI {tcti!r} is on a D-Bus session bus, but no bus address "
+                               "was given and DBUS_SESSION_BUS_ADDRESS is not set")
+        env["DBUS_SESSION_BUS_ADDRESS"] = address
     module = provider_module()
     if module is None:
         raise RuntimeError("tpm2-openssl is not installed (apt-get install tpm2-openssl)")
@@ -95,4 +118,4 @@ def tpm_tls_environment(tcti: str, workdir: Path) -> dict[str, str]:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "openssl-tpm2.cnf"
     conf.write_text(openssl_config(module))
-    return {"OPENSSL_CONF": str(conf), "TPM2OPENSSL_TCTI": tcti}
+    return {**env, "OPENSSL_CONF": str(conf), "TPM2OPENSSL_TCTI": tcti}
