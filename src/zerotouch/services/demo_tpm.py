@@ -5,6 +5,7 @@ so the TLS key in the TPM works for the agent's MQTT connection)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -12,29 +13,47 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..agent.runtime import AgentReport
-from ..util.swtpm import SwTPM, have_swtpm, make_local_ca, manufacture, start, stop, INSTALL_HINT
+from ..util.swtpm import (ABRMD_INSTALL_HINT, INSTALL_HINT, SwTPM, have_abrmd, have_swtpm,
+                          make_local_ca, manufacture, start, start_abrmd, start_session_bus, stop,
+                          stop_abrmd, stop_session_bus)
 from .tpm_admin import capture_policy, install_policy, trust_tpm_maker
 
 DEMO_MODEL = "zt-demo-gateway"   # the device type in the IDevIDs; the policy is installed for it
 
 
 class SwtpmFleet:
+    """Each swtpm sits behind its own tpm2-abrmd (a resource manager, as /dev/tpmrm0 is on a
+    real device): swtpm takes one client at a time and has three object slots, while a device
+    uses its TPM from the agent and from the TLS child (OpenSSL's tpm2 provider) at once."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.tpms: list[SwTPM] = []
+        self.tpms: list[SwTPM] = []      # .tcti goes through the device's resource manager
+        self._raw: list[SwTPM] = []
+        self._rms: list = []
+        self._bus = None
         self.ca = None
 
     async def start(self, count: int) -> list[SwTPM]:
         """A TPM maker CA and `count` manufactured, running swtpms (set up two at a time)."""
         if not have_swtpm():
             raise RuntimeError(f"--identity tpm needs swtpm: {INSTALL_HINT}")
+        if not have_abrmd():
+            raise RuntimeError(f"--identity tpm needs tpm2-abrmd: {ABRMD_INSTALL_HINT}")
         self.ca = make_local_ca(self.root / "tpm-maker")
+        # one private D-Bus session bus; this process and its agents reach the abrmds on it
+        self._bus = start_session_bus(self.root / "dbus")
+        os.environ.update(self._bus.env)
         loop = asyncio.get_running_loop()
 
         def one(i: int) -> SwTPM:
             state = self.root / "tpms" / f"{i:04d}"
             manufacture(state, self.ca)
-            return start(state, self.ca)
+            raw = start(state, self.ca)
+            self._raw.append(raw)
+            rm = start_abrmd(raw, self._bus)
+            self._rms.append(rm)
+            return dataclasses.replace(raw, tcti=rm.tcti)
         with ThreadPoolExecutor(max_workers=2) as pool:
             self.tpms = list(await asyncio.gather(
                 *(loop.run_in_executor(pool, one, i) for i in range(count))))
@@ -52,9 +71,13 @@ class SwtpmFleet:
         return DEMO_MODEL
 
     def stop(self) -> None:
-        for t in self.tpms:
+        for rm in self._rms:
+            stop_abrmd(rm)
+        for t in self._raw:
             stop(t.proc)
-        self.tpms = []
+        if self._bus is not None:
+            stop_session_bus(self._bus)
+        self.tpms, self._raw, self._rms, self._bus = [], [], [], None
 
 
 async def run_agent_process(device_dir: Path, *, telemetry: int, log_dir: Path) -> AgentReport:
