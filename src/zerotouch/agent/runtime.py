@@ -51,8 +51,10 @@ class AgentReport:
     telemetry_sent: int = 0
     telemetry_refused: int = 0
     error: str | None = None
-    bytes_sent: int = 0
+    bytes_sent: int = 0              # message bodies (onboarding and EST)
     bytes_received: int = 0
+    wire_bytes_sent: int | None = None      # onboarding transport's sockets (HTTPS: TCP payload,
+    wire_bytes_received: int | None = None  # TLS handshakes included); None if not measured
     errors: list[str] = field(default_factory=list)
     operational: str | None = None   # outcome of the operational-certificate step, when on
     wire_ms: float | None = None     # onboarding time spent waiting for answers (network + servers)
@@ -240,6 +242,9 @@ class Agent:
             close = getattr(self.transport, "close", None)
             if close is not None:
                 await close()
+            if getattr(self.transport, "wire_bytes_sent", None) is not None:
+                report.wire_bytes_sent = self.transport.wire_bytes_sent
+                report.wire_bytes_received = self.transport.wire_bytes_received
         return report
 
     async def publish(self, state: AgentState, count: int, report: AgentReport) -> None:

@@ -75,6 +75,8 @@ class DemoResult:
     mean_bytes_sent: float | None = None
     mean_bytes_received: float | None = None
     largest_device_message: int | None = None
+    mean_wire_bytes_sent: float | None = None      # HTTPS: TCP payload (TLS + HTTP) per device
+    mean_wire_bytes_received: float | None = None
     identity: str = "software"
     coap_security: str | None = None
     mean_wire_ms: float | None = None      # waiting for answers: network + servers
@@ -87,7 +89,8 @@ class DemoResult:
                 "onboarding_s", "throughput_per_s", "concurrency", "operational_devices",
                 "telemetry_devices", "telemetry_messages", "gateway_replicas", "gateway_connections",
                 "db", "terminus", "state_dir", "transport", "mean_bytes_sent",
-                "mean_bytes_received", "largest_device_message", "identity", "mean_wire_ms",
+                "mean_bytes_received", "mean_wire_bytes_sent", "mean_wire_bytes_received",
+                "largest_device_message", "identity", "mean_wire_ms",
                 "mean_tpm_ms", "mean_tpm_commands", "coap_security")
         return {k: getattr(self, k) for k in keys}
 
@@ -314,6 +317,10 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             transport=opts.transport, coap_security=opts.coap_security if coap else None,
             mean_bytes_sent=_mean([r.bytes_sent for r in reports if r.onboarded]),
             mean_bytes_received=_mean([r.bytes_received for r in reports if r.onboarded]),
+            mean_wire_bytes_sent=_mean([r.wire_bytes_sent for r in reports
+                                        if r.onboarded and r.wire_bytes_sent is not None]),
+            mean_wire_bytes_received=_mean([r.wire_bytes_received for r in reports
+                                            if r.onboarded and r.wire_bytes_received is not None]),
             largest_device_message=max(largest) if largest else None, identity=opts.identity,
             mean_wire_ms=_round(_mean([r.wire_ms for r in reports if r.onboarded and r.wire_ms is not None])),
             mean_tpm_ms=_round(_mean([r.tpm_ms for r in reports if r.onboarded and r.tpm_ms is not None])),
@@ -394,6 +401,9 @@ def print_summary(result: DemoResult, console: Console) -> None:
             ("device transport", result.transport),
             ("bytes per device sent / received (mean)",
              f"{result.mean_bytes_sent} / {result.mean_bytes_received}"),
+            ("on the wire per device sent / received (mean; TLS + HTTP)",
+             f"{result.mean_wire_bytes_sent} / {result.mean_wire_bytes_received}"
+             if result.mean_wire_bytes_sent is not None else "-"),
             ("largest device message (bytes)", result.largest_device_message or "-"),
             ("device identity", result.identity),
             ("per device: waiting for answers / in the TPM (ms, mean)",

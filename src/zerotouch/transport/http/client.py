@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -82,8 +83,67 @@ class PeerCertConnector(aiohttp.TCPConnector):
         return conn
 
 
+class WireCounter:
+    """Bytes a device's TCP sockets handed to and took from the kernel: TLS records (handshake,
+    alerts, session tickets) carrying HTTP heads and bodies, i.e. the TCP payload both ways.
+    TCP/IP headers, retransmissions and ACKs are not in it (the kernel adds those)."""
+
+    __slots__ = ("sent", "received", "connections")
+
+    def __init__(self):
+        self.sent = self.received = self.connections = 0
+
+
+class CountingSocket(socket.socket):
+    """A TCP socket that adds what every send/recv moved to a WireCounter.
+
+    asyncio's socket transport calls these methods on the socket object it was given, and the
+    TLS layer sits above that transport, so what is counted here is what crossed the socket."""
+
+    def __init__(self, *args, wire: WireCounter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wire = wire
+        wire.connections += 1
+
+    def send(self, data, *args):
+        n = super().send(data, *args)
+        self._wire.sent += n
+        return n
+
+    def sendall(self, data, *args):
+        super().sendall(data, *args)
+        self._wire.sent += memoryview(data).nbytes
+
+    def sendmsg(self, buffers, *args):
+        n = super().sendmsg(buffers, *args)
+        self._wire.sent += n
+        return n
+
+    def recv(self, bufsize, *args):
+        data = super().recv(bufsize, *args)
+        self._wire.received += len(data)
+        return data
+
+    def recv_into(self, buffer, *args):
+        n = super().recv_into(buffer, *args)
+        self._wire.received += n
+        return n
+
+
+def counting_socket_factory(wire: WireCounter):
+    """An aiohttp/aiohappyeyeballs `socket_factory` making CountingSockets for `wire`."""
+    def make(addr_info) -> socket.socket:
+        family, type_, proto, _name, _addr = addr_info
+        return CountingSocket(family, type_, proto, wire=wire)
+    return make
+
+
 class HttpDeviceTransport:
-    """How an agent reaches the rendezvous and the gateway over HTTPS."""
+    """How an agent reaches the rendezvous and the gateway over HTTPS.
+
+    `bytes_sent` / `bytes_received` count message bodies (what the protocol sends);
+    `wire_bytes_sent` / `wire_bytes_received` count what its TCP sockets moved (TLS handshakes
+    and records, HTTP heads included), for comparison with CoAP datagrams."""
 
     name = "http"
 
@@ -97,11 +157,21 @@ class HttpDeviceTransport:
         self.gateway_peer_cert: bytes | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.wire = WireCounter()
+
+    @property
+    def wire_bytes_sent(self) -> int:
+        return self.wire.sent
+
+    @property
+    def wire_bytes_received(self) -> int:
+        return self.wire.received
 
     def _new_session(self) -> aiohttp.ClientSession:
         # Without keep-alive every request is a new connection, so a load balancer can send
         # consecutive requests of one onboarding to different gateway replicas.
-        self._connector = PeerCertConnector(force_close=not self._keepalive)
+        self._connector = PeerCertConnector(force_close=not self._keepalive,
+                                            socket_factory=counting_socket_factory(self.wire))
         return aiohttp.ClientSession(timeout=self._timeout, connector=self._connector)
 
     async def __aenter__(self):
