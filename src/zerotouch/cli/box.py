@@ -32,11 +32,31 @@ def cmd_box(args) -> int:
             return 1
         print(json.dumps(result, indent=2))
         claim = result["claim"]
+        if args.gateway_dir:
+            if not _add_psks(args, claim):
+                return 1
         if claim.get("conflicts"):
             print(f"WARNING: {claim['conflicts']} device(s) of the box were already claimed — if "
                   "that was not you, the box label may have been copied.", file=sys.stderr)
         return 0 if claim.get("failed", 1) == 0 else 1
     return 2
+
+
+def _add_psks(args, claim: dict) -> bool:
+    """The claimed devices' PSKs into the gateway's psk.json (a running gateway follows it)."""
+    from ..services import bulk
+    from ..transport.coap.security import PSK_FILE, PskFileError, add_device_psks
+    claimed = [d["devid"] for d in claim.get("devices", []) if d.get("status") == 200]
+    try:
+        n = add_device_psks(args.gateway_dir, bulk.box_psks(bulk.parse_box_label(args.box_url), claimed))
+    except (OSError, PskFileError, ValueError) as exc:
+        # never the keys: the error names the file and the entry at most
+        print(f"could not add the box's PSKs to {args.gateway_dir / PSK_FILE}: "
+              f"{exc if isinstance(exc, PskFileError) else (exc.strerror if isinstance(exc, OSError) else type(exc).__name__)}", file=sys.stderr)
+        return False
+    print(f"{n} device PSK(s) added to {args.gateway_dir / PSK_FILE} (a running gateway uses "
+          "them without a restart)", file=sys.stderr)
+    return True
 
 
 def add_box_parser(sub) -> None:
@@ -58,6 +78,9 @@ def add_box_parser(sub) -> None:
     bc.add_argument("--owner-address", help="cip: the owner gateway's host")
     bc.add_argument("--owner-port", type=int, help="cport")
     bc.add_argument("--owner-fingerprint", help="cfingerprint: SHA-256 of the owner key (hex)")
+    bc.add_argument("--owner-edhoc-fingerprint",
+                    help="cedhoc: SHA-256 of the gateway's CoAP EDHOC key (hex; --gateway-dir "
+                         "sends the gateway's)")
     bc.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
     bc.add_argument("--description", default="", help="inventory description (default: box range)")
     b.set_defaults(func=cmd_box)

@@ -27,7 +27,9 @@ from ..protocol.errors import (Conflict, MalformedMessage, NotAuthorized, NotFou
 from ..protocol.tte import TTE_PATH, Label
 from ..util.files import atomic_write
 from .manufacturer import MadeDevice, Manufacturer, RendezvousInfo
-from .rendezvous import RendezvousService, parse_owner_address
+from .rendezvous import RendezvousService, parse_edhoc_fingerprint, parse_owner_address
+
+DEVICE_PSK_FILE = "psk.secret"   # = transport.coap.security.DEVICE_PSK_FILE (no aiocoap import here)
 
 BOX_PATH = f"{TTE_PATH}/box"
 MAX_BOX = 10_000                 # devices in one box
@@ -183,6 +185,9 @@ def make_box(manufacturer: Manufacturer, out_dir: Path, rendezvous_info: Rendezv
     devices = [manufacturer.make_device(out_dir, rendezvous_info, identity=identity, devid=devid,
                                         otp=derive_otp(master, devid))
                for devid in box.devids()]
+    for dev in devices:   # PSK mode (`--coap-security oscore-psk`): the box's derived key
+        atomic_write(dev.device_dir / DEVICE_PSK_FILE, derive_psk(master, dev.serial).hex().encode(),
+                     mode=0o600)
     return MadeBox(label=box, devices=devices, paths=write_box_label(box, out_dir / "labels"))
 
 
@@ -238,7 +243,8 @@ class BoxClaimResult:
 
 
 async def claim_box(rendezvous: RendezvousService, box: BoxLabel | str, cip: str, cport,
-                    cfingerprint: str, *, source: str | None = None) -> BoxClaimResult:
+                    cfingerprint: str, *, source: str | None = None,
+                    cedhoc: str | None = None) -> BoxClaimResult:
     """Claim every device of the box for one owner in one step.
 
     First, for all devices, check (without claiming) that each is registered and that the
@@ -246,10 +252,13 @@ async def claim_box(rendezvous: RendezvousService, box: BoxLabel | str, cip: str
     counts as a failed attempt for that device, as a single claim does). Then claim each one:
     a device already claimed (409), revoked (410) or locked (429) is reported, the others are
     claimed. `source`: the client address, for the rendezvous' per-source limit on wrong OTPs
-    (passed on only when given)."""
+    (passed on only when given). `cedhoc`: the gateway's EDHOC key fingerprint, as in a single
+    claim, signed into every device's redirect."""
     if isinstance(box, str):
         box = parse_box_label(box)
     parse_owner_address(cip, cport, cfingerprint)   # a bad owner address claims nothing
+    parse_edhoc_fingerprint(cedhoc)                  # nor does a bad cedhoc
+    edhoc = {"cedhoc": cedhoc} if cedhoc else {}
     master = box.master_bytes
     otps = {devid: derive_otp(master, devid).hex() for devid in box.devids()}
     src = {"source": source} if source is not None else {}
@@ -275,7 +284,7 @@ async def claim_box(rendezvous: RendezvousService, box: BoxLabel | str, cip: str
             continue
         try:
             r = await rendezvous.claim(otp_hex=otp, devid_hex=devid, cip=cip, cport=cport,
-                                       cfingerprint=cfingerprint, **src)
+                                       cfingerprint=cfingerprint, **src, **edhoc)
         except Conflict as exc:
             result.devices.append(DeviceOutcome(devid, 409, "already_claimed", message=exc.message))
         except ProtocolError as exc:
@@ -284,6 +293,12 @@ async def claim_box(rendezvous: RendezvousService, box: BoxLabel | str, cip: str
             result.devices.append(DeviceOutcome(devid, 200, "claimed", urn=r.urn,
                                                 fingerprint=r.fingerprint))
     return result
+
+
+def box_psks(box: BoxLabel, devids) -> dict[str, bytes]:
+    """The PSKs of some devices of a box (for the owner gateway's psk.json)."""
+    master = box.master_bytes
+    return {d: derive_psk(master, d) for d in devids}
 
 
 # --- the introducer's side --------------------------------------------------------------------
@@ -299,7 +314,8 @@ async def claim_box_remote(box_url: str, owner, *, rendezvous_ca_pem: str | None
     status, body = await post_json(
         f"{box.rendezvous}{BOX_PATH}",
         json_body={"master": box.master, "first": box.first, "last": box.last,
-                   "cip": owner.address, "cport": owner.port, "cfingerprint": owner.fingerprint},
+                   "cip": owner.address, "cport": owner.port, "cfingerprint": owner.fingerprint,
+                   **({"cedhoc": owner.edhoc_fingerprint} if owner.edhoc_fingerprint else {})},
         ca_pem=rendezvous_ca_pem, timeout=120.0)
     if status != 200 or not isinstance(body, dict):
         msg = body.get("message") if isinstance(body, dict) else str(body)

@@ -41,6 +41,15 @@ async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None,
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         handled = True
+    psk_file = getattr(server, "psk_file", None)
+    hup = False
+    if psk_file is not None:   # oscore-psk: psk.json is also re-read when it changes
+        def reload_psks():
+            psk_file.reload()
+            log.info("SIGHUP: re-read %s", psk_file.path)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, reload_psks)
+            hup = True
     try:
         yield server
     except asyncio.CancelledError:
@@ -48,6 +57,8 @@ async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None,
     finally:
         if handled:
             loop.remove_signal_handler(signal.SIGTERM)
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
         await server.shutdown()
 
 

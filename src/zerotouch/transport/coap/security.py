@@ -15,7 +15,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +34,10 @@ PSK_FILE = "psk.json"              # gateway dir: {"devices": {devid: hex}, "box
 DEVICE_PSK_FILE = "psk.secret"     # device dir: hex, 0600
 DEVICE_SEQ_FILE = "oscore-seq.json"
 SEQ_SKIP = 64                      # sequence numbers skipped after a restart (RFC 8613 B.1.1)
+
+log = logging.getLogger("zerotouch.coap")
+_DEVID = re.compile(r"[0-9a-f]{8}")
+_HEXKEY = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 
 
 def check_mode(mode: str) -> str:
@@ -50,25 +59,126 @@ def edhoc_fingerprint(directory: Path) -> str:
     return spki_fingerprint(edhoc_key(directory).public_key()).hex()
 
 
-def load_psk_store(directory: Path):
-    """The gateway's PSKs: `psk.json` with single devices and/or claimed boxes."""
-    from ...services.bulk import derive_psk
-    from .oscore_psk import PskContextStore
-    path = Path(directory) / PSK_FILE
-    data = read_json(path) if path.exists() else {}
-    boxes = [(bytes.fromhex(b["master"]), int(b["first"], 16), int(b["last"], 16))
-             for b in data.get("boxes", [])]
+class PskFile:
+    """The gateway's `psk.json`, read again whenever it changes, so PSKs added by a claim
+    (`zerotouch box claim --gateway-dir`) are used without a restart.
 
-    def from_boxes(devid_hex: str) -> bytes | None:
+    Each lookup compares the file's (mtime, size, inode) with what was loaded: one stat(),
+    no read unless it changed (it is replaced atomically, so a new inode each time). `reload()`
+    (SIGHUP) reads it unconditionally. A file that does not parse is reported (never its
+    contents) and the PSKs loaded before stay in use."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / PSK_FILE
+        self._seen: tuple | None = None
+        self._devices: dict[str, bytes] = {}
+        self._boxes: list[tuple[bytes, int, int]] = []
+        self.loads = 0
+        self.reload()
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reload(self) -> None:
+        sig = self._signature()
+        self._seen = sig
+        if sig is None:
+            self._devices, self._boxes = {}, []
+            return
+        try:
+            devices, boxes = parse_psk_json(read_json(self.path))
+        except (OSError, ValueError) as exc:   # JSONDecodeError is a ValueError
+            log.warning("%s is not usable (%s); keeping the PSKs loaded before", self.path,
+                        exc if isinstance(exc, PskFileError) else type(exc).__name__)
+            return
+        self._devices, self._boxes = devices, boxes
+        self.loads += 1
+
+    def psk_for(self, devid_hex: str) -> bytes | None:
+        if self._signature() != self._seen:
+            self.reload()
+        psk = self._devices.get(devid_hex)
+        if psk is not None:
+            return psk
+        from ...services.bulk import derive_psk
         n = int(devid_hex, 16)
-        for master, first, last in boxes:
+        for master, first, last in self._boxes:
             if first <= n <= last:
                 return derive_psk(master, n)
         return None
-    store = PskContextStore(from_boxes, roles=("gateway",))
-    for devid, psk in data.get("devices", {}).items():
-        store.add(devid, bytes.fromhex(psk))
+
+
+class PskFileError(ValueError):
+    """psk.json is malformed; the message names the entry, never a key."""
+
+
+def parse_psk_json(data) -> tuple[dict[str, bytes], list[tuple[bytes, int, int]]]:
+    if not isinstance(data, dict):
+        raise PskFileError("not a JSON object")
+    devices: dict[str, bytes] = {}
+    raw = data.get("devices", {})
+    if not isinstance(raw, dict):
+        raise PskFileError('"devices" is not an object')
+    for devid, psk in raw.items():
+        d = str(devid).lower()
+        if not _DEVID.fullmatch(d) or not isinstance(psk, str) or not _HEXKEY.fullmatch(psk.lower()):
+            raise PskFileError(f"device entry {devid[:8]!r}: want 8 hex digits -> 16..64 bytes hex")
+        devices[d] = bytes.fromhex(psk)
+    boxes = []
+    for i, b in enumerate(data.get("boxes", [])):
+        try:
+            boxes.append((bytes.fromhex(b["master"]), int(b["first"], 16), int(b["last"], 16)))
+        except (KeyError, TypeError, ValueError):
+            raise PskFileError(f"box entry {i} is malformed") from None
+    return devices, boxes
+
+
+def load_psk_store(directory: Path):
+    """The gateway's PSKs: `psk.json` with single devices and/or claimed boxes, followed as it
+    changes (`store.psk_file.reload()` forces a read)."""
+    from .oscore_psk import PskContextStore
+    psk_file = PskFile(directory)
+    store = PskContextStore(psk_file.psk_for, roles=("gateway",))
+    store.psk_file = psk_file
     return store
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def add_device_psks(directory: Path, psks: dict[str, bytes]) -> int:
+    """Add (or replace) device PSKs in `DIR/psk.json` (0600, replaced atomically, under a lock
+    so two claims at once both land). Returns how many entries are new or changed. A running
+    gateway picks the file up at its next lookup."""
+    from ...util.files import atomic_write_json
+    path = Path(directory) / PSK_FILE
+    with _locked(path.with_name(PSK_FILE + ".lock")):
+        data = read_json(path) if path.exists() else {}
+        parse_psk_json(data)   # refuse to build on a malformed file (names no key)
+        devices = dict(data.get("devices", {}))
+        changed = 0
+        for devid, psk in psks.items():
+            d = str(devid).lower()
+            if not _DEVID.fullmatch(d) or not 16 <= len(psk) <= 64:
+                raise PskFileError(f"device {devid!r}: bad Device ID or PSK length")
+            if devices.get(d) != psk.hex():
+                devices[d] = psk.hex()
+                changed += 1
+        if changed:
+            atomic_write_json(path, {**data, "devices": devices}, mode=0o600)
+    return changed
 
 
 async def start_role_coap_server(directory: Path, host: str, port: int, *, rendezvous=None,
@@ -86,8 +196,11 @@ async def start_role_coap_server(directory: Path, host: str, port: int, *, rende
             raise ValueError("the rendezvous holds no device PSKs: serve it with --coap-security "
                              "none or edhoc")
         from .oscore_psk import start_oscore_psk_server
-        return await start_oscore_psk_server(None, gateway, store=load_psk_store(directory),
-                                             bind=(host, port), rate_limit=rate_limit)
+        store = load_psk_store(directory)
+        server = await start_oscore_psk_server(None, gateway, store=store, bind=(host, port),
+                                               rate_limit=rate_limit)
+        server.psk_file = store.psk_file   # `serve` reloads it on SIGHUP
+        return server
     from .server import start_coap_server
     return await start_coap_server(rendezvous, gateway, bind=(host, port), rate_limit=rate_limit)
 

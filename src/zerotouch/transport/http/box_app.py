@@ -14,13 +14,14 @@ def add_box_routes(app: web.Application, rendezvous: RendezvousService) -> None:
 
     async def box_post(request: web.Request) -> web.Response:
         data = await read_claim_body(request)
-        for name in ("master", "first", "last", "cip", "cfingerprint"):
+        for name in ("master", "first", "last", "cip", "cfingerprint", "cedhoc"):
             if not isinstance(data.get(name, ""), str):
                 raise MalformedMessage(f"{name} must be a string")
         box = box_from_fields(data.get("master", ""), data.get("first", ""), data.get("last", ""),
                               rendezvous=f"{request.scheme}://{request.host}")
         result = await claim_box(rendezvous, box, data.get("cip", ""), data.get("cport", ""),
-                                 data.get("cfingerprint", ""), source=request.remote)
+                                 data.get("cfingerprint", ""), source=request.remote,
+                                 cedhoc=data.get("cedhoc") or None)
         return web.json_response(result.to_json())
 
     app.router.add_post(BOX_PATH, box_post)
