@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 
 import pytest
 
@@ -160,3 +161,19 @@ async def test_box_claim_with_a_malformed_cedhoc_claims_nothing(fleet):
     result = await claim_box(fleet.rendezvous, made.label, HOST, 8444, fleet.owner_fp_hex, cedhoc=good)
     assert len(result.claimed) == 2
     assert (await fleet.store.rendezvous.get(made.devices[0].serial)).gateway_edhoc_fp == bytes.fromhex(good)
+
+
+async def test_gateway_serve_rereads_psk_json_on_sighup(fleet, tmp_path):
+    pytest.importorskip("aiocoap.oscore_sitewrapper")
+    import signal
+    from zerotouch.services.servers import coap_alongside
+    add_device_psks(tmp_path, {"0a000001": bytes([1]) * 32})
+    async with coap_alongside(HOST, 0, gateway=fleet.gateway, directory=tmp_path,
+                              security="oscore-psk") as server:
+        loads = server.psk_file.loads
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):
+            if server.psk_file.loads > loads:
+                break
+            await asyncio.sleep(0.01)
+        assert server.psk_file.loads == loads + 1
