@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes.util
 import itertools
 import os
+import random
 import select
 import shutil
 import socket
@@ -81,12 +82,12 @@ def make_local_ca(base: Path) -> LocalCA:
 
 
 def _free_port_pair() -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
+    """Two consecutive free ports (swtpm's server and control sockets). Drawn below Linux's
+    ephemeral range: above it, bind(0) hands out even ports whose odd neighbours are what
+    outgoing connections use, so under load (a demo fleet, TIME_WAIT) port + 1 is rarely free."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(20000, 32000)
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", port))
@@ -94,7 +95,7 @@ def _free_port_pair() -> int:
             return port
         except OSError:
             continue
-    raise RuntimeError("no two consecutive free TCP ports")
+    raise RuntimeError("no two consecutive free TCP ports in 20000-32000")
 
 
 def manufacture(state: Path, ca: LocalCA) -> None:
