@@ -224,3 +224,48 @@ async def test_markup_in_the_label_or_the_form_never_runs(servers, phone):
     await asyncio.sleep(0.2)       # an onerror/onload would have fired by now
     assert page.dialogs == []
     assert await page.evaluate("window.__xss") == 0
+
+
+async def test_claim_with_the_gateway_edhoc_fingerprint(servers, phone):
+    """The optional field goes to the claim as `cedhoc`: stored, and signed into the redirect."""
+    s, page = servers, phone
+    dev = await s.fleet.make(claim=False, inventory=False)
+    await page.goto(dev.label.url)
+    field = page.locator("input[name=cedhoc]")
+    assert await field.is_visible() and not await field.evaluate("e => e.required")
+    assert "CoAP with EDHOC" in await page.inner_text("#cedhoc-help")
+    await assert_tappable(page)
+
+    # the browser itself refuses what cannot be a fingerprint, and nothing is sent
+    await fill_claim(page, s)
+    await page.fill("input[name=cedhoc]", "not a fingerprint")
+    assert await field.evaluate("e => e.checkValidity()") is False
+    await page.tap("form[method=post]:not([enctype]) button[type=submit]")
+    assert await page.inner_text("h1") == f"Claim device {dev.label.devid}"
+    # what passes the browser's pattern but is not 64 digits: the rendezvous says why
+    await page.fill("input[name=cedhoc]", "ab" * 32 + "c")
+    async with page.expect_navigation() as nav:
+        await page.tap("form[method=post]:not([enctype]) button[type=submit]")
+    assert (await nav.value).status == 400
+    assert await page.inner_text("h1") == "Not claimed"
+    message = await page.inner_text("#message")
+    assert "EDHOC key fingerprint" in message and "64 hex digits" in message
+    await shot(page, "10-bad-edhoc-fingerprint")
+    assert (await s.store.rendezvous.get(dev.serial)).status == RendezvousStatus.NOT_MAPPED
+
+    # a right one (with colons and capitals, as people copy them) claims the device
+    fp = bytes(range(32))
+    await page.goto(dev.label.url)
+    await fill_claim(page, s)
+    await page.fill("input[name=cedhoc]", ":".join(f"{b:02X}" for b in fp))
+    await shot(page, "11-claim-form-with-edhoc")
+    async with page.expect_navigation():
+        await page.tap("form[method=post]:not([enctype]) button[type=submit]")
+    assert await page.inner_text("h1") == "Device claimed"
+    rec = await s.store.rendezvous.get(dev.serial)
+    assert rec.status == RendezvousStatus.MAPPED and rec.gateway_edhoc_fp == fp
+    # and the device's signed redirect names that key
+    core = s.fleet.core(dev)
+    redirect = core.receive_redirect(await s.fleet.rendezvous.find_owner(core.find_owner_request()))
+    assert redirect.gateway_edhoc_fp == fp
+    assert page.dialogs == []

@@ -147,7 +147,9 @@ def parse_edhoc_fingerprint(cedhoc) -> bytes | None:
         raise MalformedMessage("cedhoc must be a string")
     fp = cedhoc.strip().replace(":", "").lower()
     if len(fp) != 64 or not HEX_RE.fullmatch(fp):
-        raise MalformedMessage("cedhoc must be the 64-hex-digit SHA-256 of the gateway's EDHOC key")
+        raise MalformedMessage("cedhoc (the gateway EDHOC key fingerprint) must be 64 hex digits, "
+                               "the SHA-256 of the gateway's EDHOC key as `gateway init` prints it; "
+                               "leave it empty if the devices do not use EDHOC")
     return bytes.fromhex(fp)
 
 

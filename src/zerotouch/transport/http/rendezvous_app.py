@@ -29,7 +29,7 @@ border:0;border-radius:.4rem;background:#1a5fb4;color:#fff}
 .status{padding:.6rem .8rem;border-radius:.4rem;background:#eef}
 .warn{padding:.8rem;border-radius:.4rem;background:#fde2e1;border:2px solid #c01c28;color:#600}
 .ok{padding:.8rem;border-radius:.4rem;background:#e0f5e0;border:2px solid #26a269}
-code{word-break:break-all}</style>"""
+code{word-break:break-all}small{display:block;margin-top:.3rem;color:#444}</style>"""
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -49,6 +49,11 @@ fingerprint of its key.</p>
 <label>Controller port <input name="cport" required inputmode="numeric" pattern="[0-9]{{1,5}}" value="{port}"></label>
 <label>Controller key fingerprint (SHA-256, hex) <input name="cfingerprint" required
  autocapitalize="off" autocorrect="off" spellcheck="false" pattern="[0-9A-Fa-f:]{{64,95}}"></label>
+<label>Gateway EDHOC key fingerprint (optional; SHA-256, hex) <input name="cedhoc"
+ autocapitalize="off" autocorrect="off" spellcheck="false" pattern="[0-9A-Fa-f:]{{64,95}}"
+ aria-describedby="cedhoc-help"></label>
+<small id="cedhoc-help">For devices that onboard over CoAP with EDHOC: <code>gateway init</code>
+prints it. Leave it empty otherwise.</small>
 <button type="submit">Claim</button></form>
 {photo}"""
 
