@@ -8,7 +8,8 @@ import pytest
 from zerotouch.pki.ca import load_der_cert
 from zerotouch.pki.keys import cert_fingerprint
 from zerotouch.protocol.errors import NotAuthorized, TryLater
-from zerotouch.services.gateway import GatewayService, rendezvous_status_client
+from zerotouch.services.gateway import GatewayService
+from zerotouch.services.gateway_inventory import rendezvous_status_client
 
 from http_harness import ADMIN_TOKEN, snapshot
 

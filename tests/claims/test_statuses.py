@@ -10,7 +10,7 @@ import pytest
 from zerotouch.protocol import cose
 from zerotouch.protocol.errors import MalformedMessage, NotAuthorized, StaleMessage
 from zerotouch.protocol.messages import RvRegistered
-from zerotouch.services.gateway import STATUS_QUERY_TYPE, rendezvous_status_client
+from zerotouch.services.gateway_inventory import STATUS_QUERY_TYPE, rendezvous_status_client
 from zerotouch.services.vault import LocalVault, init_vault_dir
 
 TTE = "/.well-known/tte"

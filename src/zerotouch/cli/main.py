@@ -129,7 +129,7 @@ def cmd_gateway(args) -> int:
     if args.action == "inventory":
         return asyncio.run(admin.gateway_inventory(args.dir, args.json))
     if args.action == "status":
-        from ..services.gateway import gateway_status
+        from ..services.gateway_inventory import gateway_status
         return asyncio.run(gateway_status(args.dir, args.json))
     return 2
 

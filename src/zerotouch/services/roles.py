@@ -219,7 +219,7 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     # What the owner tells its devices in the signed bundle (e.g. est_operational).
     gcfg.settings.update(cfg.get("bundle_settings", {}))
     gcfg.admission = cfg.get("admission", "introduced")
-    from .gateway import rendezvous_status_client
+    from .gateway_inventory import rendezvous_status_client
     query = (rendezvous_status_client(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
              if cfg.get("rendezvous_url") else None)
     from .attestation import TpmAttestation
