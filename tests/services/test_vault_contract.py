@@ -314,3 +314,43 @@ async def test_seal_channel_secret_refuses_a_low_order_key(vut):
         await vut.vault.seal_channel_secret(SERIAL, seal_key=bytes(32), session=os.urandom(16),
                                             nonce=os.urandom(16))
     assert 400 <= err.value.status < 500
+
+
+def _software_ek_cert(key) -> bytes:
+    """A stand-in EK certificate for a software RSA key: the vault only takes the public key."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test EK")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+async def test_channel_secret_sealed_to_a_tpm_ek_opens_only_with_that_ek(vut):
+    from support_tpm import unwrap_sealed
+    from zerotouch.attestation.duplicate import SealedForTpm
+    from zerotouch.protocol.sealing import check_sealed_plaintext
+    n_device, nonce, session = os.urandom(8), os.urandom(16), os.urandom(16)
+    await vut.vault.put_device_secret(SERIAL, n_device)
+    ek = rsa.generate_private_key(65537, 2048)
+    blob = await vut.vault.seal_channel_secret_tpm(SERIAL, ek_cert=_software_ek_cert(ek),
+                                                   session=session, nonce=nonce)
+    plain = unwrap_sealed(SealedForTpm.from_bytes(blob), ek)
+    secret = check_sealed_plaintext(plain, serial=SERIAL, nonce=nonce, n_device=n_device)
+    assert len(secret) == 32
+    with pytest.raises(BadSignature):   # H(M|N) binds it to this onboarding's nonce
+        check_sealed_plaintext(plain, serial=SERIAL, nonce=os.urandom(16), n_device=n_device)
+    with pytest.raises(Exception):      # another EK's private key cannot recover the seed
+        unwrap_sealed(SealedForTpm.from_bytes(blob), rsa.generate_private_key(65537, 2048))
+
+
+async def test_seal_to_tpm_refuses_a_bad_ek_certificate_and_unknown_devices(vut):
+    with pytest.raises(MalformedMessage):
+        await vut.vault.seal_channel_secret_tpm(SERIAL, ek_cert=b"\x30\x03junk", session=os.urandom(16),
+                                                nonce=os.urandom(16))
+    ek = rsa.generate_private_key(65537, 2048)
+    with pytest.raises(NotFound):
+        await vut.vault.seal_channel_secret_tpm("ffffffff", ek_cert=_software_ek_cert(ek),
+                                                session=os.urandom(16), nonce=os.urandom(16))
+    assert await raw_secret_rows(vut.store) == []
