@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import pytest
+
 from zerotouch.agent.runtime import Agent
 from zerotouch.transport.http.client import HttpDeviceTransport
 
@@ -137,3 +139,17 @@ async def test_https_onboarding_wire_bytes(sq_servers):
     finally:
         await rv_relay.close()
         await gw_relay.close()
+
+
+def test_wire_bytes_are_not_claimed_where_they_cannot_be_counted():
+    """uvloop does its socket I/O in C, past the counting socket: report None, never 0."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def under_uvloop():
+        t = HttpDeviceTransport(rendezvous_ca_pem=None)
+        t._session = t._new_session()
+        try:
+            return t.wire_bytes_sent, t.wire_bytes_received
+        finally:
+            await t.close()
+    assert uvloop.run(under_uvloop()) == (None, None)

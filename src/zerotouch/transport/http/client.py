@@ -158,18 +158,23 @@ class HttpDeviceTransport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wire = WireCounter()
+        # Only asyncio's own socket transports call the socket's Python methods; an event loop
+        # doing its I/O in C on the file descriptor (uvloop) would leave the counts at 0.
+        self._wire_measured = True
 
     @property
-    def wire_bytes_sent(self) -> int:
-        return self.wire.sent
+    def wire_bytes_sent(self) -> int | None:
+        return self.wire.sent if self._wire_measured else None
 
     @property
-    def wire_bytes_received(self) -> int:
-        return self.wire.received
+    def wire_bytes_received(self) -> int | None:
+        return self.wire.received if self._wire_measured else None
 
     def _new_session(self) -> aiohttp.ClientSession:
         # Without keep-alive every request is a new connection, so a load balancer can send
         # consecutive requests of one onboarding to different gateway replicas.
+        self._wire_measured = self._wire_measured and isinstance(
+            asyncio.get_running_loop(), asyncio.selector_events.BaseSelectorEventLoop)
         self._connector = PeerCertConnector(force_close=not self._keepalive,
                                             socket_factory=counting_socket_factory(self.wire))
         return aiohttp.ClientSession(timeout=self._timeout, connector=self._connector)
