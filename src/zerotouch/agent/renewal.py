@@ -13,6 +13,10 @@ The swap, over files in the device data directory:
 A new pair is promoted only after `check` (a terminus connection with it) succeeds; until then
 the old pair stays in use. Promotion renames the certificate, then the key, syncing the
 directory after each, so a crash leaves one of few known states and `recover()` finishes it.
+
+Where the keys live is a `KeyStore`: software keys in PKCS#8 files (`.key`), or keys in the
+device's TPM (`identity/tpm/opkeys.py`: `.tss2.pem`, TPM-wrapped blobs made under the SRK and
+signing the CSR in the TPM). The files and the swap are the same for both.
 """
 from __future__ import annotations
 
@@ -76,12 +80,33 @@ def expired(cert: x509.Certificate, now: float) -> bool:
     return now >= validity(cert)[1]
 
 
+# --- keys -------------------------------------------------------------------------------------
+class SoftwareKeyStore:
+    """Operational keys as PKCS#8 files (0600) made in software."""
+    suffix = ".key"
+
+    def public_der(self, key_file: Path) -> bytes:
+        """SubjectPublicKeyInfo of the key in `key_file`; raises on a missing/unreadable file."""
+        return public_key_der(load_private_key(key_file).public_key())
+
+    def new_key_and_csr(self, key_file: Path, subject: x509.Name,
+                        san: x509.SubjectAlternativeName, key_factory=None) -> bytes:
+        """Make a key, write it to `key_file` (0600), return a DER CSR signed by it."""
+        key = (key_factory or generate_p256)()
+        save_private_key(key_file, key)
+        return (x509.CertificateSigningRequestBuilder().subject_name(subject)
+                .add_extension(san, critical=False)
+                .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)
+
+
+SOFTWARE_KEYS = SoftwareKeyStore()
+
+
 # --- files ------------------------------------------------------------------------------------
-def _pair_matches(cert_file: Path, key_file: Path) -> bool:
+def _pair_matches(cert_file: Path, key_file: Path, keys=SOFTWARE_KEYS) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-        key = load_private_key(key_file)
-        return public_key_der(cert.public_key()) == public_key_der(key.public_key())
+        return public_key_der(cert.public_key()) == keys.public_der(key_file)
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
         return False
 
@@ -94,35 +119,39 @@ def _unlink(path: Path) -> None:
 
 
 class OperationalFiles:
-    def __init__(self, device_dir: Path, stem: str = "operational"):
+    def __init__(self, device_dir: Path, stem: str = "operational", keys=SOFTWARE_KEYS):
         d = self.dir = Path(device_dir)
-        self.cert_file, self.key_file = d / f"{stem}.pem", d / f"{stem}.key"
-        self.new_cert_file, self.new_key_file = d / f"{stem}.new.pem", d / f"{stem}.new.key"
+        self.keys, k = keys, keys.suffix
+        self.cert_file, self.key_file = d / f"{stem}.pem", d / f"{stem}{k}"
+        self.new_cert_file, self.new_key_file = d / f"{stem}.new.pem", d / f"{stem}.new{k}"
         self.new_csr_file = d / f"{stem}.new.csr"
-        self.prev_cert_file, self.prev_key_file = d / f"{stem}.prev.pem", d / f"{stem}.prev.key"
+        self.prev_cert_file, self.prev_key_file = d / f"{stem}.prev.pem", d / f"{stem}.prev{k}"
+
+    def _matches(self, cert_file: Path, key_file: Path) -> bool:
+        return _pair_matches(cert_file, key_file, self.keys)
 
     def current(self) -> x509.Certificate | None:
         """The certificate in use, if its key is there and matches it."""
-        if not _pair_matches(self.cert_file, self.key_file):
+        if not self._matches(self.cert_file, self.key_file):
             return None
         return x509.load_pem_x509_certificate(self.cert_file.read_bytes())
 
     def staged(self) -> x509.Certificate | None:
         """An enrolled certificate not yet promoted (a failed check or a crash left it)."""
-        if not _pair_matches(self.new_cert_file, self.new_key_file):
+        if not self._matches(self.new_cert_file, self.new_key_file):
             return None
         return x509.load_pem_x509_certificate(self.new_cert_file.read_bytes())
 
     def recover(self) -> None:
         """Finish a promotion a crash cut between renaming the certificate and the key."""
-        if (self.new_key_file.exists() and not _pair_matches(self.cert_file, self.key_file)
-                and _pair_matches(self.cert_file, self.new_key_file)):
+        if (self.new_key_file.exists() and not self._matches(self.cert_file, self.key_file)
+                and self._matches(self.cert_file, self.new_key_file)):
             os.replace(self.new_key_file, self.key_file)
             fsync_dir(self.dir)
         if not self.new_key_file.exists():
             _unlink(self.new_csr_file)
 
-    def pending_csr(self, serial: str, urn: str, key_factory=generate_p256,
+    def pending_csr(self, serial: str, urn: str, key_factory=None,
                     template: x509.Certificate | None = None) -> bytes:
         """The CSR of the enrollment in flight, or a new key (0600) and CSR.
 
@@ -131,9 +160,8 @@ class OperationalFiles:
         if self.new_key_file.exists() and self.new_csr_file.exists():
             try:
                 csr = self.new_csr_file.read_bytes()
-                key = load_private_key(self.new_key_file)
                 if public_key_der(x509.load_der_x509_csr(csr).public_key()) == \
-                        public_key_der(key.public_key()):
+                        self.keys.public_der(self.new_key_file):
                     return csr
             except (OSError, ValueError, TypeError):
                 pass  # unreadable leftovers: start over with a new key
@@ -146,22 +174,18 @@ class OperationalFiles:
                 san = template.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound:
                 pass
-        key = key_factory()
-        save_private_key(self.new_key_file, key)
-        csr = (x509.CertificateSigningRequestBuilder().subject_name(subject)
-               .add_extension(san, critical=False)
-               .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)
+        csr = self.keys.new_key_and_csr(self.new_key_file, subject, san, key_factory)
         atomic_write(self.new_csr_file, csr)
         return csr
 
     def new_key_public_der(self) -> bytes:
-        return public_key_der(load_private_key(self.new_key_file).public_key())
+        return self.keys.public_der(self.new_key_file)
 
     def stage(self, cert: x509.Certificate) -> None:
         atomic_write(self.new_cert_file, cert.public_bytes(serialization.Encoding.PEM))
 
     def promote(self) -> None:
-        if _pair_matches(self.cert_file, self.key_file):
+        if self._matches(self.cert_file, self.key_file):
             # Copies: the pair in use stays in place until the new one replaces it.
             atomic_write(self.prev_key_file, self.key_file.read_bytes(), mode=0o600, sync_dir=False)
             atomic_write(self.prev_cert_file, self.cert_file.read_bytes(), sync_dir=False)
@@ -243,7 +267,7 @@ async def _settle(files: OperationalFiles, check: Check, cert: x509.Certificate,
 
 async def swap(files: OperationalFiles, *, enroll: Enroll, check: Check,
                owner_ca: x509.Certificate, serial: str, urn: str, now: float,
-               key_factory=generate_p256, template: x509.Certificate | None = None) -> RenewalResult:
+               key_factory=None, template: x509.Certificate | None = None) -> RenewalResult:
     """Enroll a new pair, prove it at the terminus, then promote it; else keep the old one.
     `template`: the certificate authenticating the request, whose names the CSR repeats."""
     await asyncio.to_thread(files.recover)

@@ -7,6 +7,10 @@ then connect to the terminus.
 With operational certificates on (bundle setting `est_operational`, or `operational=True`),
 the agent enrolls a short-lived certificate over EST with its LDevID once onboarded, uses it
 for the terminus, and `maintain()` renews it when due (see renewal.py). Off, nothing changes.
+A TPM device does the same with every key in its TPM: the operational key is made under the
+SRK and signs its CSR there (identity/tpm/opkeys.py), and each TLS connection that uses a TPM
+key (EST, the terminus check, telemetry) runs in a child process with OpenSSL's tpm2 provider
+(est_tpm.py, telemetry.py).
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ class Agent:
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  max_attempts: int | None = None, deadline_s: float | None = None,
                  operational: bool | None = None, terminus_check: Check | None = None,
-                 est_factory: Callable[..., EstClient] = EstClient,
+                 est_factory: Callable[..., EstClient] | None = None,
                  renewal_rand: random.Random | None = None,
                  renewal_backoff: Backoff | None = None):
         self.dir = Path(device_dir)
@@ -108,7 +112,7 @@ class Agent:
         # None: follow the owner's bundle; True/False: force operational certificates on/off.
         self.operational = operational
         self.terminus_check = terminus_check or self._terminus_check
-        self.est_factory = est_factory
+        self.est_factory = est_factory or self._default_est_factory()
         self.renewal_rand = renewal_rand or random.Random()
         self.renewal_backoff = renewal_backoff or Backoff(base=5.0, cap=900.0, rand=self.renewal_rand)
         self.est_bytes_sent = self.est_bytes_received = 0
@@ -252,9 +256,9 @@ class Agent:
 
         cert_file, key_file = self.terminus_credentials(state)
         publish = publish_telemetry
-        if self.factory.get("identity") == "tpm":   # the TLS key is in the TPM
+        if self._tpm:   # the TLS key is in the TPM
             publish = functools.partial(publish_telemetry_with_tpm_key, tcti=self.factory["tcti"],
-                                        workdir=self.dir / "tpm-tls")
+                                        workdir=self._tls_workdir())
         codes = await publish(
             host=state.terminus_host, port=state.terminus_port, ca_file=self.dir / "owner-ca.pem",
             cert_file=cert_file, key_file=key_file,
@@ -275,9 +279,28 @@ class Agent:
         if result is not None and result.error:
             report.errors = (report.errors + [result.error])[-MAX_ERRORS:]
 
+    @property
+    def _tpm(self) -> bool:
+        return self.factory.get("identity") == "tpm"
+
+    def _tls_workdir(self) -> Path:
+        return self.dir / "tpm-tls"     # the OpenSSL config of the TLS children
+
+    def _default_est_factory(self) -> Callable[..., EstClient]:
+        if not self._tpm:
+            return EstClient
+        from .est_tpm import TpmEstClient   # the TLS key is in the TPM: EST from a child process
+        return functools.partial(TpmEstClient, tcti=self.factory["tcti"],
+                                 workdir=self._tls_workdir())
+
+    def operational_files(self) -> OperationalFiles:
+        """The operational pair's files; a TPM device keeps TSS2 key files (operational.tss2.pem)."""
+        if not self._tpm:
+            return OperationalFiles(self.dir)
+        from ..identity.tpm.opkeys import TpmKeyStore
+        return OperationalFiles(self.dir, keys=TpmKeyStore(self.factory["tcti"]))
+
     def _operational_on(self, state: AgentState) -> bool:
-        if self.factory.get("identity") == "tpm":
-            return False   # EST with a TPM-resident key is not wired yet: the LDevID serves
         return state.onboarded and (self.operational if self.operational is not None
                                     else state.operational)
 
@@ -288,7 +311,7 @@ class Agent:
         """The operational pair when on and valid, else the LDevID (a fallback, not a downgrade:
         the owner issued both)."""
         if self._operational_on(state):
-            files = OperationalFiles(self.dir)
+            files = self.operational_files()
             cert = files.current()
             if cert is not None and not expired(cert, self.clock()):
                 return files.cert_file, files.key_file
@@ -296,11 +319,15 @@ class Agent:
 
     async def _terminus_check(self, cert_file: Path, key_file: Path) -> None:
         """Does the terminus take this pair? TLS with it, then MQTT CONNECT; nothing published."""
-        from .telemetry import publish_telemetry
+        from .telemetry import publish_telemetry, publish_telemetry_with_tpm_key
         state = load_state(self.dir)
-        await publish_telemetry(host=state.terminus_host, port=state.terminus_port,
-                                ca_file=self.dir / "owner-ca.pem", cert_file=cert_file,
-                                key_file=key_file, topic=f"{state.topic_prefix}/telemetry", payloads=[])
+        publish = publish_telemetry
+        if self._tpm:   # the pair to test has its key in the TPM (before promotion too)
+            publish = functools.partial(publish_telemetry_with_tpm_key, tcti=self.factory["tcti"],
+                                        workdir=self._tls_workdir())
+        await publish(host=state.terminus_host, port=state.terminus_port,
+                      ca_file=self.dir / "owner-ca.pem", cert_file=cert_file,
+                      key_file=key_file, topic=f"{state.topic_prefix}/telemetry", payloads=[])
 
     def _plan(self, state: AgentState, cert, now: float) -> None:
         """Record when to renew `cert` (jittered once per certificate, then kept)."""
@@ -317,7 +344,7 @@ class Agent:
         state = await asyncio.to_thread(load_state, self.dir)
         if not self._operational_on(state):
             return None
-        files = OperationalFiles(self.dir)
+        files = self.operational_files()
         await asyncio.to_thread(files.recover)
         current = await asyncio.to_thread(files.current)
         now = self.clock()
