@@ -28,6 +28,19 @@ def tpm_binding_san(ek_key_id: bytes) -> x509.OtherName:
     return x509.OtherName(HARDWARE_MODULE_NAME, encoder.encode(hmn))
 
 
+def parse_hardware_module_name(other: x509.OtherName) -> tuple[str, bytes]:
+    """(hwType dotted OID, hwSerialNum) of a hardwareModuleName otherName; ValueError if bad."""
+    if other.type_id != HARDWARE_MODULE_NAME:
+        raise ValueError("not a hardwareModuleName")
+    try:
+        hmn, rest = decoder.decode(other.value, asn1Spec=rfc4108.HardwareModuleName())
+    except PyAsn1Error:
+        raise ValueError("hardwareModuleName is not valid DER") from None
+    if rest:
+        raise ValueError("hardwareModuleName has trailing bytes")
+    return str(hmn["hwType"]), bytes(hmn["hwSerialNum"])
+
+
 def tpm_binding(cert: x509.Certificate) -> bytes | None:
     """The EK key id the IDevID is bound to, or None for a device without a TPM."""
     try:

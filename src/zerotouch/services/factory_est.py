@@ -1,4 +1,4 @@
-"""The factory's EST server (RFC 7030) for IDevIDs: seed 003's first stage for software identities.
+"""The factory's EST server (RFC 7030) for IDevIDs: seed 003's first stage, software and TPM devices.
 
 A provisioning station on the factory line relays a CSR made on the device (the device key
 never leaves it) and authenticates with its own TLS client certificate, issued by the
@@ -10,6 +10,21 @@ leaves the service.
 RFC 7030 §3.5 linking does not apply here: the CSR is made by the device, not by the TLS client,
 so it cannot carry the station's tls-unique. The CSR signature proves possession of the key;
 subject and SAN are built by the service from the validated serial, never copied from the CSR.
+
+What the service takes from a CSR besides the key and the serial, each checked for form:
+  * the device type, as the subject's one OU (as the in-process CA writes `--model`);
+  * for a TPM device, the TPM binding: one RFC 4108 hardwareModuleName in the extensionRequest's
+    subjectAltName (hwType TPM 2.0, hwSerialNum = SHA-256 of the EK SubjectPublicKeyInfo, which
+    the station computed from the EK certificate it read out of the device's TPM).
+What the service can verify about the binding, and what it cannot: it knows the request comes
+from one of its own provisioning stations (the station's TLS credential), that the binding is
+well formed, and that no other IDevID was ever bound to that TPM (one device per TPM, recorded
+with the serial). It cannot tell from one EST round that the CSR's key is in *that* TPM (that
+would need the TPM to certify the key with its AK, and the AK to be activated against the EK: a
+second round trip EST's simpleenroll does not have); that fact is the station's, as it is the
+manufacturing process's when the in-process CA issues. A wrong binding is not a way in: the
+owner's gateway still checks at onboarding that the EK chains to a trusted TPM maker, is the one
+the IDevID names, and holds the AK that quotes the PCRs.
 
 Paths: /.well-known/est/idevid/{cacerts,simpleenroll,csrattrs}, and the same without a label.
 The HTTP side is the gateway's EST adapter (`add_est_routes`), which this service duck-types.
@@ -39,6 +54,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..agent.est_client import EstClient
 from ..pki.ca import DEVICE_URN_PREFIX, CertificateAuthority, load_der_cert, make_root, verify_device_chain
+from ..pki.hwmodule import (HARDWARE_MODULE_NAME, TPM2_HW_TYPE, parse_hardware_module_name,
+                            tpm_binding_san)
 from ..pki.keys import (cert_der, cert_fingerprint, cert_pem, generate_p256, load_cert,
                         load_private_key, save_cert, save_private_key)
 from ..protocol import est as codec
@@ -59,6 +76,8 @@ STATION_URN_PREFIX = "urn:zerotouch:station:"
 DEFAULT_PORT = 8445
 _SERIAL = re.compile(r"[0-9a-f]{8}")
 _STATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")   # the device type (subject OU)
+EK_KEY_ID_LEN = 32   # SHA-256 of the EK SubjectPublicKeyInfo
 _CLIENT_KU = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                            data_encipherment=False, key_agreement=False, key_cert_sign=False,
                            crl_sign=False, encipher_only=False, decipher_only=False)
@@ -145,14 +164,22 @@ class IssuedSerials:
         with self._locked():
             return list(self._seen.values())
 
-    def record(self, serial: str, issue: Callable[[], tuple[x509.Certificate, dict]]) -> x509.Certificate:
-        """Issue once per serial: check, sign and append under one lock."""
+    def record(self, serial: str, issue: Callable[[], tuple[x509.Certificate, dict]], *,
+               tpm_ek: str | None = None) -> x509.Certificate:
+        """Issue once per serial, and once per TPM (`tpm_ek`: the hex EK key id the IDevID is
+        bound to): check, sign and append under one lock."""
         with self._locked() as fd:
             if (old := self._seen.get(serial)) is not None:
                 when = dt.datetime.fromtimestamp(old["issued_at"], dt.timezone.utc).isoformat()
                 raise Conflict(f"device serial {serial} already has an IDevID (certificate "
                                f"{old['cert_serial']}, issued {when} via station {old['station']!r})",
                                code="duplicate_serial")
+            if tpm_ek is not None:
+                for old in self._seen.values():
+                    if old.get("tpm_ek_sha256") == tpm_ek:
+                        raise Conflict(f"the TPM with EK key id {tpm_ek[:16]}… is already bound to "
+                                       f"device {old['serial']} (one device per TPM)",
+                                       code="duplicate_tpm")
             cert, rec = issue()
             os.ftruncate(fd, self._offset)  # drop a torn tail
             line = json.dumps(rec, sort_keys=True).encode() + b"\n"
@@ -205,6 +232,46 @@ def _check_san(csr: x509.CertificateSigningRequest, urn: str) -> None:
             raise PolicyViolation(f"CSR subjectAltName names {uri[:64]} but its serialNumber is {urn}")
 
 
+def csr_model(csr: x509.CertificateSigningRequest) -> str | None:
+    """The device type the CSR's subject names in its OU (at most one), or None."""
+    ous = csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not ous:
+        return None
+    model = str(ous[0].value)
+    if len(ous) > 1 or not _MODEL.fullmatch(model):
+        raise MalformedMessage("the CSR subject may name one device type in its OU: 1-64 "
+                               "letters, digits, '.', '_' or '-'")
+    return model
+
+
+def csr_tpm_binding(csr: x509.CertificateSigningRequest) -> bytes | None:
+    """The EK key id of the hardwareModuleName the CSR asks for, or None. Only a TPM 2.0
+    binding of the right length is taken; any other otherName in the SAN is refused."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    others = san.get_values_for_type(x509.OtherName)
+    if any(o.type_id != HARDWARE_MODULE_NAME for o in others):
+        raise PolicyViolation("CSR subjectAltName asks for an otherName other than "
+                              "hardwareModuleName, which the factory does not issue")
+    if not others:
+        return None
+    if len(others) > 1:
+        raise PolicyViolation("CSR subjectAltName names more than one hardware module")
+    try:
+        hw_type, ek_id = parse_hardware_module_name(others[0])
+    except ValueError as exc:
+        raise MalformedMessage(f"CSR {exc}") from None
+    if hw_type != TPM2_HW_TYPE:
+        raise PolicyViolation(f"CSR hardwareModuleName has hwType {hw_type[:40]}; the factory "
+                              f"binds IDevIDs to TPM 2.0 modules ({TPM2_HW_TYPE}) only")
+    if len(ek_id) != EK_KEY_ID_LEN:
+        raise PolicyViolation("CSR hardwareModuleName hwSerialNum must be the 32-byte SHA-256 "
+                              "of the TPM's EK SubjectPublicKeyInfo")
+    return ek_id
+
+
 class FactoryEstService:
     """IDevIDs for CSRs relayed by provisioning stations. Offers what `add_est_routes` calls."""
     basic_configured = False            # stations authenticate with certificates only
@@ -245,16 +312,22 @@ class FactoryEstService:
         serial = csr_serial(csr)
         urn = DEVICE_URN_PREFIX + serial
         _check_san(csr, urn)
+        model = csr_model(csr)
+        ek_id = csr_tpm_binding(csr)   # vouched for by the station (see the module docstring)
         names = station.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
 
         def make():
-            cert = self.manufacturer.ca.issue_device(csr.public_key(), serial=serial, urn=urn,
-                                                     org=self.manufacturer.name, days=self.idevid_days)
+            cert = self.manufacturer.ca.issue_device(
+                csr.public_key(), serial=serial, urn=urn, org=self.manufacturer.name,
+                days=self.idevid_days, model=model,
+                extra_sans=[tpm_binding_san(ek_id)] if ek_id is not None else [])
             return cert, {"serial": serial, "urn": urn, "cert_serial": format(cert.serial_number, "x"),
                           "station": str(names[0].value) if names else "",
                           "station_sha256": cert_fingerprint(station).hex(),
-                          "issued_at": int(self.clock())}
-        return self.issued.record(serial, make)
+                          "issued_at": int(self.clock()),
+                          **({"model": model} if model else {}),
+                          **({"tpm_ek_sha256": ek_id.hex()} if ek_id is not None else {})}
+        return self.issued.record(serial, make, tpm_ek=ek_id.hex() if ek_id is not None else None)
 
     # --- what the EST adapter calls -----------------------------------------------------------
     @staticmethod

@@ -19,6 +19,7 @@ import segno
 from ..identity import identity_factory
 from ..identity.software import IDEVID_KEY
 from ..pki.ca import DEVICE_URN_PREFIX, CertificateAuthority, device_identity, make_root
+from ..pki.hwmodule import device_type
 from ..pki.keys import (cert_der, cert_pem, generate_p256, load_cert, load_private_key,
                         public_key_der, save_cert, save_private_key)
 from ..protocol import cose
@@ -117,7 +118,8 @@ class Manufacturer:
                                           model=model, extra_sans=binding.get("extra_sans", []))
         else:
             try:
-                idevid = self._idevid_from(idevid_via, backend, device_dir, public_key, serial, urn)
+                idevid = self._idevid_from(idevid_via, backend, device_dir, public_key, serial, urn,
+                                           model=model, extra_sans=binding.get("extra_sans", []))
             except BaseException:
                 shutil.rmtree(device_dir)   # no half-made device without an IDevID
                 raise
@@ -138,11 +140,12 @@ class Manufacturer:
         signed = cose.sign1(reg.encode(), cose.SoftwareSigner(self.ca.key), x5chain=[cert_der(self.ca.cert)])
         return MadeDevice(serial=serial, urn=urn, device_dir=device_dir, label=label, registration=signed)
 
-    def _idevid_from(self, via, backend, device_dir: Path, public_key, serial: str,
-                     urn: str) -> x509.Certificate:
+    def _idevid_from(self, via, backend, device_dir: Path, public_key, serial: str, urn: str, *,
+                     model: str | None = None, extra_sans=()) -> x509.Certificate:
         # Only the CSR leaves the device directory (or, with a TPM backend, the TPM).
         make_csr = getattr(backend, "idevid_csr", None)
-        csr = make_csr(device_dir, serial, urn) if make_csr else _software_idevid_csr(device_dir, serial)
+        csr = (make_csr(device_dir, serial, urn, model=model) if make_csr
+               else _software_idevid_csr(device_dir, serial, model))
         idevid = via(csr)
         # The registration below vouches for this certificate: check it is what we asked for.
         if public_key_der(idevid.public_key()) != public_key_der(public_key):
@@ -150,6 +153,16 @@ class Manufacturer:
         idevid.verify_directly_issued_by(self.ca.cert)
         if device_identity(idevid) != (serial, urn):
             raise ValueError(f"the IDevID returned for device {serial} names another device")
+        # ... and carries what the in-process CA would have put in: the TPM binding, the type.
+        try:
+            sans = idevid.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            sans = []
+        if any(name not in sans for name in extra_sans):
+            raise ValueError(f"the IDevID returned for device {serial} lacks its TPM binding "
+                             "(hardwareModuleName)")
+        if model and device_type(idevid) != model:
+            raise ValueError(f"the IDevID returned for device {serial} is not of type {model!r}")
         return idevid
 
 
@@ -158,11 +171,15 @@ def _is_devid(devid: str) -> bool:
             and all(c in "0123456789abcdef" for c in devid))
 
 
-def _software_idevid_csr(device_dir: Path, serial: str) -> bytes:
-    """A CSR signed by the IDevID key in the device directory, naming the device serial."""
+def _software_idevid_csr(device_dir: Path, serial: str, model: str | None = None) -> bytes:
+    """A CSR signed by the IDevID key in the device directory, naming the device serial (and
+    its type as the OU, when it has one)."""
     key = load_private_key(Path(device_dir) / IDEVID_KEY)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial),
-                      x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)])
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, serial),
+             x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]
+    if model:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, model))
+    name = x509.Name(attrs)
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
     return csr.public_bytes(Encoding.DER)
 

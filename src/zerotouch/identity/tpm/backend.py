@@ -200,13 +200,21 @@ class TpmIdentityFactory:
     def store_idevid(self, device_dir: Path, cert_pem: bytes) -> None:
         atomic_write(Path(device_dir) / IDEVID_CERT, cert_pem)
 
-    def idevid_csr(self, device_dir: Path, serial: str, urn: str) -> bytes:
-        """A CSR signed by the IDevID key in the TPM (the factory EST path)."""
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial),
-                             x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)])
+    def idevid_csr(self, device_dir: Path, serial: str, urn: str, *,
+                   model: str | None = None) -> bytes:
+        """A CSR signed by the IDevID key in the TPM (the factory EST path). Its extensionRequest
+        asks for the device URN and the TPM binding (RFC 4108 hardwareModuleName naming this
+        TPM's EK, read by the station from the TPM); its subject's OU is the device type. The
+        factory EST service checks and copies these (services/factory_est.py)."""
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, serial),
+                 x509.NameAttribute(NameOID.SERIAL_NUMBER, serial)]
+        if model:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, model))
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(urn),
+                                           *self.idevid_binding(device_dir)["extra_sans"]])
         with Tpm(self.tcti) as tpm:
             signer = keys.TpmSigner(tpm, keys.IDEVID_PERSISTENT)
-            return build_csr(subject, signer.public_key(), signer.sign_der)
+            return build_csr(x509.Name(attrs), signer.public_key(), signer.sign_der, [san])
 
     def open(self, device_dir: Path) -> TpmIdentity:
         return TpmIdentity(device_dir, self.tcti)
