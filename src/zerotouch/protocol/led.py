@@ -50,6 +50,12 @@ class LedChecksumError(LedDecodeError):
     code = "led_checksum"
 
 
+class LedUncertainError(LedDecodeError):
+    """Not sure: a frame was found, but the recording does not single it out with enough confidence (the
+    repetitions disagree, or another frame with a valid checksum is nearly as likely)."""
+    code = "led_not_sure"
+
+
 @dataclass(frozen=True)
 class LedFrame:
     msid: int
@@ -238,217 +244,384 @@ def _thresholds(v: list[float], half_window: int) -> list[float]:
     return thr
 
 
-def _soft_bits(y: list[float], spb: float) -> list[float]:
-    """Brightness of each bit, threshold-free bit timing.
 
-    At 2 samples per bit (30 fps, 15 bit/s) the clock phase cannot be read from the edges' timing
-    (their fundamental sits at the Nyquist frequency), but the pairing can: of the two ways to
-    group consecutive samples into bits, the right one has the smaller steps inside the pairs.
-    A sample whose exposure straddles an edge has caught some of the neighbouring bit; how much
-    (alpha for the first sample of a bit, beta for the second) is estimated by regressing the
-    step inside a bit on the edge before and after it, and the samples are weighted by
-    0.5 - alpha and 0.5 - beta. Offset and gain drift do not bias any of it."""
-    if abs(spb - round(spb)) > 1e-9 or round(spb) < 2:
-        raise LedDecodeError("the frame rate must be a whole multiple (>= 2) of the bit rate")
-    m = int(round(spb))
+# Receiver: envelope (offset/gain) fit -> per-block bit-phase search, unwrapped and fitted by a line
+# (bit clock phase and camera/LED rate) -> forward-backward over the LED levels with each sample's
+# exposure window straddling bits as the model -> per-bit LLRs folded over every repetition ->
+# the two best checksum-valid frames (DP over the checksum residue) -> accept on a margin.
+KNOT = 15                 # envelope (offset and gain) knots, in samples (0.5 s at 30 fps)
+SEGMENT = 80              # timing-recovery block, in samples
+PHASES = 16               # bit-phase grid per block
+EXPOSURES = (0.16, 0.48, 0.76, 1.0)   # exposure windows tried, fraction of the frame interval
+MAX_RATE_ERROR = 3e-3     # camera/LED clock mismatch accepted
+SIGMA_FLOOR = 0.03        # noise floor (fraction of the swing) in the soft decisions
+LLR_CLIP = 8.0            # per-bit evidence cap in the sync search
+MARGIN = 12.0             # nats the best checksum-valid frame must beat any other frame by
+MAX_COST = 16.0           # nats of evidence the best frame may overrule
+
+
+def _solve_banded(a, rhs, bw):
+    n = len(rhs)
+    for k in range(n):
+        piv = a[k][k]
+        if abs(piv) < 1e-12:
+            piv = a[k][k] = 1e-12
+        for i in range(k + 1, min(n, k + bw + 1)):
+            f = a[i][k] / piv
+            if f:
+                ri, rk = a[i], a[k]
+                for j in range(k, min(n, k + bw + 1)):
+                    ri[j] -= f * rk[j]
+                rhs[i] -= f * rhs[k]
+    x = [0.0] * n
+    for k in range(n - 1, -1, -1):
+        s = rhs[k]
+        rk = a[k]
+        for j in range(k + 1, min(n, k + bw + 1)):
+            s -= rk[j] * x[j]
+        x[k] = s / a[k][k]
+    return x
+
+
+def _envelope(y, m, smooth=10.0, wt=None):
+    """Offset and swing per sample: y ~ off + swing * m (m = modelled LED level in [0, 1]), both
+    piecewise linear with knots every KNOT samples and a second-difference smoothness penalty."""
     n = len(y)
-    best = None
-    for p in range(m):  # pairing (grouping) candidates
-        inner = sum(abs(y[i + 1] - y[i]) for i in range(n - 1) if (i - p) % m != m - 1)
-        if best is None or inner < best[0]:
-            best = (inner, p)
-    p = best[1]
-    groups = [y[i:i + m] for i in range(p, n - m + 1, m)]
-    if len(groups) < 3:
-        raise LedDecodeError("brightness series too short")
-    first = [g[0] for g in groups]
-    last = [g[-1] for g in groups]
-    inside = [g[-1] - g[0] for g in groups]
-    edge_before = [0.0] + [first[k] - last[k - 1] for k in range(1, len(groups))]
-    edge_after = [first[k + 1] - last[k] for k in range(len(groups) - 1)] + [0.0]
-    e2b = sum(e * e for e in edge_before) or 1.0
-    e2a = sum(e * e for e in edge_after) or 1.0
-    alpha = max(0.0, min(0.5, sum(w * e for w, e in zip(inside, edge_before)) / e2b))
-    beta = max(0.0, min(0.5, sum(w * e for w, e in zip(inside, edge_after)) / e2a))
-    wf, wl = 0.5 - alpha, 0.5 - beta
-    if wf + wl < 1e-6:
-        wf = wl = 0.5
-    out = []
-    for g in groups:
-        mid = g[1:-1]
-        tot = wf * g[0] + wl * g[-1] + sum(mid)
-        out.append(tot / (wf + wl + len(mid)))
-    return out, groups, alpha, beta
+    nk = (n - 1) // KNOT + 2
+    size = 2 * nk
+    a = [[0.0] * size for _ in range(size)]
+    rhs = [0.0] * size
+    for i in range(n):
+        j, w = divmod(i, KNOT)
+        w /= KNOT
+        v = ((2 * j, 1 - w), (2 * j + 1, (1 - w) * m[i]), (2 * j + 2, w), (2 * j + 3, w * m[i]))
+        c = wt[i] if wt else 1.0
+        for p, vp in v:
+            rhs[p] += c * vp * y[i]
+            row = a[p]
+            for q, vq in v:
+                row[q] += c * vp * vq
+    for j in range(1, nk - 1):
+        for off in (0, 1):
+            idx = (2 * (j - 1) + off, 2 * j + off, 2 * (j + 1) + off)
+            co = (1.0, -2.0, 1.0)
+            for p, cp in zip(idx, co):
+                for q, cq in zip(idx, co):
+                    a[p][q] += smooth * cp * cq
+    for p in range(size):
+        a[p][p] += 1e-6
+    sol = _solve_banded(a, rhs, 5)
+    off, sw = [], []
+    for i in range(n):
+        j, w = divmod(i, KNOT)
+        w /= KNOT
+        off.append((1 - w) * sol[2 * j] + w * sol[2 * j + 2])
+        sw.append((1 - w) * sol[2 * j + 1] + w * sol[2 * j + 3])
+    return off, sw
 
 
-def _cancel_isi(groups, alpha, beta, est):
-    """Second pass: remove from each bit's first/last sample the share of the neighbouring bit
-    (alpha/beta of its decided brightness `est`), then combine both samples fully."""
+def _assign(xs, h):
+    """For each sample centre x (in bits) with half window h: (k, f) = first bit under the window
+    and the fraction of the window in bit k + 1 (0 when the window is inside bit k)."""
     out = []
-    for k, g in enumerate(groups):
-        prev = est[k - 1] if k else est[k]
-        nxt = est[k + 1] if k + 1 < len(est) else est[k]
-        ea = (g[0] - alpha * prev) / (1 - alpha)
-        eb = (g[-1] - beta * nxt) / (1 - beta)
-        wa, wb = (1 - alpha) ** 2, (1 - beta) ** 2
-        mid = g[1:-1]
-        out.append((wa * ea + wb * eb + sum(mid)) / (wa + wb + len(mid)))
+    for x in xs:
+        lo = x - h
+        k = math.floor(lo)
+        f = (x + h - k - 1) / (2 * h)
+        out.append((k, f if f > 0 else 0.0))
     return out
 
 
-def _find_frames(levels: list[int]) -> tuple[list[int], list[int]]:
-    """Indices where a frame starts: the start constant exactly, preceded by a preamble with at
-    most 2 wrong bits; also returns the NRZI-decoded bits."""
-    bits = [a ^ b for a, b in zip(levels, levels[1:])]  # bits[k] is the bit of levels[k + 1]
-    starts = []
-    for k in range(PREAMBLE_BITS, len(bits) - FRAME_BITS + 1):
-        if bits[k + 15] != 1 or any(bits[k:k + 15]):
+def _levels_from(z, asg):
+    sums, cnts = {}, {}
+    for v, (k, f) in zip(z, asg):
+        if not f:
+            sums[k] = sums.get(k, 0.0) + v
+            cnts[k] = cnts.get(k, 0) + 1
+    return {k: 1 if sums[k] > 0.5 * cnts[k] else 0 for k in sums}
+
+
+def _rss(z, asg):
+    lv = _levels_from(z, asg)
+    tot = 0.0
+    for v, (k, f) in zip(z, asg):
+        a = lv.get(k)
+        if not f:
+            tot += (v - a) ** 2
             continue
-        if sum(bits[k - PREAMBLE_BITS:k]) >= PREAMBLE_BITS - 2:
-            starts.append(k)
-    return starts, bits
+        b = lv.get(k + 1)
+        if a is None or b is None:
+            continue
+        tot += (v - a - f * (b - a)) ** 2
+    return tot
+
+
+def _timing(z: list[float], spb: float) -> tuple[list[float], float]:
+    """Bit position of every sample: x_i = x0 + step * i, from per-block phase estimates (the
+    blocks' phases, unwrapped and fitted by a line, track the clock mismatch) and the exposure."""
+    n = len(z)
+    step0 = 1.0 / spb
+    nseg = max(1, n // SEGMENT)
+    seglen = n // nseg
+    blocks = [(s * seglen, (s + 1) * seglen if s < nseg - 1 else n) for s in range(nseg)]
+    hs = [e * step0 / 2 for e in EXPOSURES]
+    curves = []   # per block: {h: [rss per phase]}
+    for i0, i1 in blocks:
+        c = (i0 + i1 - 1) / 2
+        zz = z[i0:i1]
+        per_h = {}
+        for h in hs:
+            per_h[h] = [_rss(zz, _assign([p / PHASES + (i - c) * step0 for i in range(i0, i1)], h))
+                        for p in range(PHASES)]
+        curves.append((c, per_h))
+    h = min(hs, key=lambda hh: sum(min(pc[hh]) for _c, pc in curves))
+    pts = []
+    for c, per_h in curves:
+        r = per_h[h]
+        lo = min(r)
+        ws = [math.exp(-(v - lo) / 0.5) for v in r]
+        sx = sum(w * math.cos(2 * math.pi * p / PHASES) for p, w in enumerate(ws))
+        sy = sum(w * math.sin(2 * math.pi * p / PHASES) for p, w in enumerate(ws))
+        pts.append((c, (math.atan2(sy, sx) / (2 * math.pi)) % 1.0, math.hypot(sx, sy) / sum(ws)))
+    xs = []
+    for j, (c, ph, _conc) in enumerate(pts):
+        if not xs:
+            xs.append(ph)
+            continue
+        pred = xs[-1] + (c - pts[j - 1][0]) * step0
+        xs.append(ph + round(pred - ph))
+    use = list(range(len(pts)))
+    x0, step = xs[0] - pts[0][0] * step0, step0
+    for _ in range(3):
+        if len(use) >= 2:
+            w = [pts[j][2] + 1e-3 for j in use]
+            sw = sum(w)
+            mc = sum(wi * pts[j][0] for wi, j in zip(w, use)) / sw
+            mx = sum(wi * xs[j] for wi, j in zip(w, use)) / sw
+            sxx = sum(wi * (pts[j][0] - mc) ** 2 for wi, j in zip(w, use))
+            sxy = sum(wi * (pts[j][0] - mc) * (xs[j] - mx) for wi, j in zip(w, use))
+            step = sxy / sxx if sxx else step0
+            step = min(max(step, step0 * (1 - MAX_RATE_ERROR)), step0 * (1 + MAX_RATE_ERROR))
+            x0 = mx - step * mc
+        else:
+            x0, step = xs[use[0]] - pts[use[0]][0] * step0, step0
+        res = [(abs(xs[j] - x0 - step * pts[j][0]), j) for j in use]
+        worst = max(res)
+        if worst[0] < 0.15 or len(use) <= 2:
+            break
+        use.remove(worst[1])
+    return [x0 + step * i for i in range(n)], h
+
+
+def _lse(a, b):
+    return a + math.log1p(math.exp(b - a)) if a >= b else b + math.log1p(math.exp(a - b))
+
+
+def _bcjr(z, asg, sigma):
+    """Forward-backward over the LED levels (2 states), every sample's likelihood given the level
+    of the bit(s) under its exposure window. Returns kmin, per-level posterior P(1) and per-bit
+    LLR (log P(toggle) / P(hold)) of the NRZI bit carried by level k (toggle from k - 1)."""
+    kmin = min(k for k, _f in asg)
+    kmax = max(k + (1 if f else 0) for k, f in asg)
+    nb = kmax - kmin + 1
+    inv = 1.0 / (2 * sigma * sigma)
+    e0, e1 = [0.0] * nb, [0.0] * nb
+    g = [[0.0, 0.0, 0.0, 0.0] for _ in range(nb)]
+    for v, (k, f) in zip(z, asg):
+        k -= kmin
+        if not f:
+            e0[k] -= v * v * inv
+            e1[k] -= (v - 1) ** 2 * inv
+        else:
+            gk = g[k]
+            gk[0] -= v * v * inv
+            gk[1] -= (v - f) ** 2 * inv
+            gk[2] -= (v - 1 + f) ** 2 * inv
+            gk[3] -= (v - 1) ** 2 * inv
+    al = [(e0[0], e1[0])]
+    for k in range(nb - 1):
+        a0, a1 = al[-1]
+        gk = g[k]
+        al.append((_lse(a0 + gk[0], a1 + gk[2]) + e0[k + 1], _lse(a0 + gk[1], a1 + gk[3]) + e1[k + 1]))
+        m = max(al[-1])
+        al[-1] = (al[-1][0] - m, al[-1][1] - m)
+    be = [(0.0, 0.0)] * nb
+    for k in range(nb - 2, -1, -1):
+        b0, b1 = be[k + 1]
+        gk = g[k]
+        t0, t1 = e0[k + 1] + b0, e1[k + 1] + b1
+        x0, x1 = _lse(gk[0] + t0, gk[1] + t1), _lse(gk[2] + t0, gk[3] + t1)
+        m = max(x0, x1)
+        be[k] = (x0 - m, x1 - m)
+    p1 = []
+    for (a0, a1), (b0, b1) in zip(al, be):
+        d = (a1 + b1) - (a0 + b0)
+        p1.append(1.0 / (1.0 + math.exp(-d)) if d > -700 else 0.0)
+    llr = [0.0]
+    for k in range(nb - 1):
+        a0, a1 = al[k]
+        b0, b1 = be[k + 1]
+        gk = g[k]
+        t0, t1 = e0[k + 1] + b0, e1[k + 1] + b1
+        hold = _lse(a0 + gk[0] + t0, a1 + gk[3] + t1)
+        tog = _lse(a0 + gk[1] + t1, a1 + gk[2] + t0)
+        llr.append(tog - hold)
+    return kmin, p1, llr
+
+
+def _mix(asg, lv, kmin):
+    out = []
+    for k, f in asg:
+        a = lv[k - kmin]
+        out.append(a if not f else a + f * (lv[k + 1 - kmin] - a))
+    return out
+
+
+def _sigma(z, m):
+    r = sorted(abs(a - b) for a, b in zip(z, m))
+    return max(SIGMA_FLOOR, r[len(r) // 2] / 0.6745)
+
+
+def _best_two(hard, cost):
+    """The two cheapest sets of bit flips that make the frame's byte sum 0 mod 256 (DP over the
+    checksum residue, the flippable bits being those cheaper than MAX_COST + MARGIN)."""
+    s0 = sum(_from_bits(hard)) & 0xFF
+    bound = MAX_COST + MARGIN
+    states = {s0: [(0.0, 0)]}
+    for b in range(16, FRAME_BITS):
+        c = cost[b]
+        if c >= bound:
+            continue
+        w = 1 << (7 - b % 8)
+        d = -w if hard[b] else w
+        new = {s: list(v) for s, v in states.items()}
+        for s, lst in states.items():
+            t = (s + d) & 0xFF
+            for cc, mask in lst:
+                nc = cc + c
+                if nc >= bound:
+                    continue
+                cur = new.setdefault(t, [])
+                cur.append((nc, mask | (1 << b)))
+        for s in new:
+            if len(new[s]) > 2:
+                new[s].sort()
+                del new[s][2:]
+        states = new
+    return sorted(states.get(0, []))
 
 
 def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RATE, *,
-               track_drift: bool = False) -> LedFrame:
+               track_drift: bool = True) -> LedFrame:
     """Recover the LED frame from a brightness series (one value per video frame).
 
-    Bit timing (pairing of samples, exposure overlap) -> per-bit brightness -> adaptive threshold
-    (local means of the high and the low bits, tracking gain/offset drift) -> a second pass that
-    cancels the neighbouring bits' share in straddling samples -> NRZI decode -> sync word
-    (preamble + start constant) -> checksum. This first pass assumes the camera and LED clocks
-    agree (a mismatch above ~5e-4 makes the sample pairing slip within the recording).
-    Every complete repetition in the series is tried; when none checks out alone, a bitwise
-    majority vote over three or more repetitions is tried. When that finds nothing and
-    `track_drift` is set, the clock drift is tracked (`_decode_drifting`): bit centres are placed on a grid of clock ratios
-    within +-MAX_DRIFT and phases, the grids whose centres fall on clean samples are decoded
-    and their repetitions soft-combined; only a frame whose checksum verifies is returned.
-    Opt-in because it can return a wrong frame whose 8-bit checksum happens to verify (about
-    1 in 400 recordings at drift 1e-3 and noise 0.15, `zerotouch bench led --track-drift`).
-    Raises LedDecodeError when no frame is found, LedChecksumError when frames were found but
-    none has a valid checksum."""
-    y = [float(x) for x in samples]
-    if any(math.isnan(x) or math.isinf(x) for x in y):
+    1. Offset and swing of the LED in the picture (ambient light, auto exposure): piecewise
+       linear in time, fitted to the samples against the modelled LED level.
+    2. Bit timing: in blocks of SEGMENT samples the bit phase and the exposure window are chosen
+       by least squares (levels decided from the samples inside one bit, a sample whose window
+       straddles two bits modelled as their mix); the block phases, unwrapped, are fitted by a
+       line, whose slope is the camera/LED clock ratio (drift up to MAX_RATE_ERROR is tracked).
+    3. Forward-backward over the LED levels (2 states) with that timing gives each NRZI bit a
+       log-likelihood ratio; steps 1-3 run three times, each on the previous decisions.
+    4. The sync word (16 preamble 1s, the start constant) is found in the LLRs folded modulo
+       UNIT_BITS; every repetition of each frame bit in the recording is summed (bits before the
+       first preamble are used only when they agree: they may be the idle LED before power-on).
+    5. The two most likely frames whose checksum verifies are found exactly (dynamic programming
+       over the checksum residue). The best is returned only when it overrules at most MAX_COST
+       nats of evidence and beats the runner-up by MARGIN nats: an 8-bit checksum alone passes
+       1 corrupted frame in 256.
+
+    Raises LedDecodeError when no frame is found (or the recording misses part of it),
+    LedChecksumError when a frame is found but no frame with a valid checksum is near it, and
+    LedUncertainError ("not sure") when two checksum-valid frames are about as likely, e.g. when
+    the repetitions disagree. `track_drift` is kept for compatibility: drift is always tracked."""
+    del track_drift
+    y = [float(v) for v in samples]
+    if any(math.isnan(v) or math.isinf(v) for v in y):
         raise LedDecodeError("brightness series contains NaN/inf")
-    try:
-        return _decode_aligned(y, fps, bit_rate)
-    except LedDecodeError as first:
-        if track_drift and (isinstance(first, LedChecksumError) or "frame found" in str(first)):
-            found = _decode_drifting(y, fps, bit_rate)
-            if found is not None:
-                return found
-        raise
-
-
-def _decode_aligned(y: list[float], fps: float, bit_rate: float) -> LedFrame:
     spb = fps / bit_rate
-    _thresholds(y, int(round(fps)))  # refuses a series without any signal
-    soft, groups, alpha, beta = _soft_bits(y, spb)
-    if len(soft) < UNIT_BITS:
+    n = len(y)
+    if n < spb * UNIT_BITS:
         raise LedDecodeError("brightness series too short for one LED frame")
-    for second_pass in (False, True):
-        bthr = _thresholds(soft, int(round(bit_rate)))
-        levels = [1 if s > t else 0 for s, t in zip(soft, bthr)]
-        if second_pass or (alpha < 0.02 and beta < 0.02):
-            break
-        highs = [i for i, lv in enumerate(levels) if lv]
-        lows = [i for i, lv in enumerate(levels) if not lv]
-        if len(highs) < 3 or len(lows) < 3:
-            break
-        est = [_near_mean(soft, highs if lv else lows, i) for i, lv in enumerate(levels)]
-        soft = _cancel_isi(groups, alpha, beta, est)
-    starts, bits = _find_frames(levels)
-    if not starts:
+    thr = _thresholds(y, int(round(fps)))   # refuses a series without any signal
+    m = [1.0 if v > t else 0.0 for v, t in zip(y, thr)]
+    wt, smooth, asg = None, 10.0, None
+    for npass in range(3):
+        off, sw = _envelope(y, m, smooth, wt)
+        floor = 0.2 * max(abs(s) for s in sw)
+        sw = [max(s, floor) for s in sw]
+        z = [(v - o) / s for v, o, s in zip(y, off, sw)]
+        if npass < 2:
+            xs, h = _timing(z, spb)
+            asg = _assign(xs, h)
+            kmin0 = min(k for k, _f in asg)
+            lv0 = _levels_from(z, asg)
+            hard = [lv0.get(k, 0) for k in range(kmin0, max(k for k, _ in asg) + 2)]
+            sigma = _sigma(z, _mix(asg, hard, kmin0))
+        kmin, p1, llr = _bcjr(z, asg, sigma)
+        lv = [1 if p > 0.5 else 0 for p in p1]
+        m = _mix(asg, lv, kmin)
+        sigma = _sigma(z, m)
+        sig_y = sigma * sum(sw) / len(sw)
+        smooth = max(0.5, 450 * sig_y * sig_y)   # smoother envelope when the picture is noisy
+        wt = [0.5 if f else 1.0 for _k, f in asg]
+    return _frame_from_llr(kmin, llr)
+
+
+def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
+    nb = len(llr)
+    kfirst = kmin + 1                   # llr[0] carries no bit
+    res = [0.0] * UNIT_BITS
+    for i in range(1, nb):
+        v = llr[i]
+        res[(kmin + i) % UNIT_BITS] += max(-LLR_CLIP, min(LLR_CLIP, v))
+    pat = [1] * PREAMBLE_BITS + [-1] * 15 + [1]
+    scores = []
+    for u in range(UNIT_BITS):
+        scores.append((sum(p * res[(u - PREAMBLE_BITS + j) % UNIT_BITS] for j, p in enumerate(pat)), u))
+    scores.sort(reverse=True)
+    best, u = scores[0]
+    agree = [p * res[(u - PREAMBLE_BITS + j) % UNIT_BITS] for j, p in enumerate(pat)]
+    if sum(1 for a in agree if a < 0) > 3 or sum(1 for a in agree if a > 0) < 24:
         raise LedDecodeError("no LED frame found (no preamble and start constant)")
-    frames = [_from_bits(bits[s:s + FRAME_BITS]) for s in starts]
-    for frame in frames:
-        try:
-            return parse_frame(frame)
-        except LedChecksumError:
-            continue
-    if len(frames) >= 3:
-        voted = [1 if 2 * sum(col) > len(col) else 0
-                 for col in zip(*(_bits(f) for f in frames))]
-        try:
-            return parse_frame(_from_bits(voted))
-        except LedDecodeError:
-            pass
-    raise LedChecksumError(f"LED frame found {len(frames)} time(s) but its checksum never matched")
-
-
-# --- clock drift ------------------------------------------------------------------------------
-MAX_DRIFT = 2e-3          # camera/LED clock mismatch tracked (29.97 vs 30 fps is 1e-3)
-DRIFT_STEP = 5e-4         # ratio grid: the residual mismatch is <= 2.5e-4, which decodes
-PHASE_STEP = 0.25         # bit-centre grid, in samples
-DRIFT_TRIES = 12          # best-scoring (ratio, phase) candidates decoded
-
-
-def _soft_at(x: list[float], c0: float, step: float, width: float) -> list[float]:
-    """Brightness at bit centres c0, c0 + step, ...: a triangular kernel of half-width `width`
-    (samples) around each centre, so samples near a bit boundary count little."""
-    n, out, c = len(x), [], c0
-    while c + width < n - 1 + 1e-9:
-        tw = tv = 0.0
-        for i in range(max(0, math.ceil(c - width)), min(n - 1, math.floor(c + width)) + 1):
-            w = 1.0 - abs(i - c) / width
-            if w > 0:
-                tw += w
-                tv += w * x[i]
-        out.append(tv / tw if tw else 0.0)
-        c += step
-    return out
-
-
-def _combined_frames(soft: list[float]) -> list[bytes]:
-    """Frames found by their sync word in `soft` (per-bit brightness), each decided from every
-    repetition at a whole number of UNIT_BITS from it, soft-combined (sum of the products of
-    neighbouring margins: negative = the level toggled = a 1 bit)."""
-    thr = _thresholds(soft, 15)
-    mg = [s - t for s, t in zip(soft, thr)]
-    starts, _bits = _find_frames([1 if m > 0 else 0 for m in mg])
-    frames, seen = [], set()
-    for k in starts:
-        base = k % UNIT_BITS
-        if base in seen:
-            continue
-        seen.add(base)
-        reps = [j for j in range(base, len(mg) - FRAME_BITS, UNIT_BITS)]
-        # bits[k] is the bit of levels[k + 1]: the toggle between levels k and k + 1
-        bits = [1 if sum(mg[j + b] * mg[j + b + 1] for j in reps) < 0 else 0
-                for b in range(FRAME_BITS)]
-        frames.append(_from_bits(bits))
-    return frames
-
-
-def _decode_drifting(y: list[float], fps: float, bit_rate: float) -> LedFrame | None:
-    """Track a camera/LED clock mismatch up to MAX_DRIFT: for each clock ratio and phase on a
-    grid, sample the (threshold-normalised) series at the predicted bit centres; the candidates
-    whose centres fall on clean samples (largest mean |margin|) are decoded. A frame counts only
-    if its checksum verifies and two or more candidates found it; the one found most often wins."""
-    spb = fps / bit_rate
-    thr = _thresholds(y, int(round(fps)))
-    x = [v - t for v, t in zip(y, thr)]
-    width = 0.625 * spb
-    steps = int(round(MAX_DRIFT / DRIFT_STEP))
-    cands = []
-    for r in (k * DRIFT_STEP for k in range(-steps, steps + 1)):
-        for p in range(int(round(spb / PHASE_STEP))):
-            soft = _soft_at(x, p * PHASE_STEP, spb / (1 + r), width)
-            if len(soft) >= UNIT_BITS:
-                cands.append((sum(abs(v) for v in soft) / len(soft), soft))
-    cands.sort(key=lambda c: -c[0])
-    tally: dict[bytes, int] = {}
-    for _score, soft in cands[:DRIFT_TRIES]:
-        try:
-            frames = _combined_frames(soft)
-        except LedDecodeError:
-            continue
-        for frame in set(frames):
-            if len(frame) == FRAME_LEN and frame[:2] == START.to_bytes(2, "big") and not sum(frame) & 0xFF:
-                tally[frame] = tally.get(frame, 0) + 1
-    # An 8-bit checksum passes 1 corrupted frame in 256: a frame must be found by at least two
-    # candidates (neighbouring ratios or phases agree on the right one) to be believed.
-    best = max(tally, key=tally.get, default=None)
-    if best is None or tally[best] < 2:
-        return None
-    return parse_frame(best)
+    # the first preamble seen: bits before it may be the idle LED before the first transmission
+    first_pre = u - PREAMBLE_BITS
+    while first_pre - UNIT_BITS >= kfirst - PREAMBLE_BITS:
+        first_pre -= UNIT_BITS
+    while first_pre < kfirst - PREAMBLE_BITS:
+        first_pre += UNIT_BITS
+    main = [0.0] * FRAME_BITS
+    cov = [0] * FRAME_BITS
+    pre = {}
+    for b in range(FRAME_BITS):
+        k = u + b
+        while k - UNIT_BITS >= kfirst:
+            k -= UNIT_BITS
+        while k < kfirst:
+            k += UNIT_BITS
+        while k < kmin + nb:
+            v = llr[k - kmin]
+            if k < first_pre:
+                pre[b] = v
+            else:
+                main[b] += v
+                cov[b] += 1
+            k += UNIT_BITS
+    if not all(cov[16:]):
+        raise LedDecodeError("recording too short: part of the LED frame was not seen")
+    if not any(cov[b] and abs(main[b]) > 4 and abs(v) > 4 and (main[b] > 0) != (v > 0)
+               for b, v in pre.items()):
+        for b, v in pre.items():
+            main[b] += v
+    hard = [(START >> (15 - b)) & 1 for b in range(16)] + [1 if v > 0 else 0 for v in main[16:]]
+    cost = [abs(v) for v in main]
+    cands = _best_two(hard, cost)
+    if not cands or cands[0][0] > MAX_COST:
+        raise LedChecksumError("LED frame found but its checksum does not match")
+    if len(cands) > 1 and cands[1][0] - cands[0][0] < MARGIN:
+        raise LedUncertainError(
+            f"LED frame not sure: two frames with a valid checksum within "
+            f"{cands[1][0] - cands[0][0]:.1f} nats (repetitions disagree or too much noise)")
+    mask = cands[0][1]
+    bits = [hb ^ ((mask >> b) & 1) for b, hb in enumerate(hard)]
+    return parse_frame(_from_bits(bits))
