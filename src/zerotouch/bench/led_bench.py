@@ -3,9 +3,11 @@
 Each trial blinks a random frame (random MotherShip ID, Device ID, OTP) repeated back to back,
 films it with the simulated phone camera of `protocol.led` (30 fps, random phase and exposure,
 auto-exposure gain drift +-20 %, offset drift +-0.3, Gaussian noise, start anywhere) for two
-repetitions plus a second, and decodes it. A trial fails when the decoder raises or returns
-another frame (a wrong frame whose checksum happens to verify counts as `wrong`, separately).
-Seeded: the same arguments give the same figures.
+repetitions plus a second, and decodes it. A trial fails when the decoder raises (`failures`;
+of those, `unsure` are the decoder's "not sure" answers, LedUncertainError: a checksum-valid frame
+that did not beat every other one by the required likelihood margin) or returns another frame
+(`wrong`, counted separately: a wrong frame whose checksum happens to verify). Seeded: the same
+arguments give the same figures.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from ..protocol.led import (BIT_RATE, FPS, UNIT_BITS, LedDecodeError, LedFrame, decode_led,
-                            encode_led, led_levels, sample_brightness)
+from ..protocol.led import (BIT_RATE, FPS, UNIT_BITS, LedDecodeError, LedFrame,
+                            LedUncertainError, decode_led, encode_led, led_levels,
+                            sample_brightness)
 
 DEFAULT_DRIFTS = (-2e-3, -1e-3, 0.0, 1e-3, 2e-3)
-DEFAULT_NOISES = (0.0, 0.05, 0.15)
+DEFAULT_NOISES = (0.0, 0.05, 0.10, 0.15)
 
 
 @dataclass
@@ -25,7 +28,8 @@ class LedCell:
     drift: float
     noise: float
     trials: int
-    failures: int = 0     # decode error (no frame, checksum never matched)
+    failures: int = 0     # decode error (no frame, checksum never matched, not sure)
+    unsure: int = 0       # of the failures: "not sure" (LedUncertainError)
     wrong: int = 0        # decoded a frame that is not the one sent
     seconds: float = 0.0
 
@@ -61,8 +65,9 @@ def run_cell(drift: float, noise: float, trials: int, seed: int, *,
         y = film(rng, encode_led(msid, devid, otp), drift=drift, noise=noise)
         try:
             got = decode_led(y, track_drift=track_drift)
-        except LedDecodeError:
+        except LedDecodeError as err:
             cell.failures += 1
+            cell.unsure += isinstance(err, LedUncertainError)
             continue
         if got != LedFrame(msid, devid, otp):
             cell.wrong += 1
@@ -84,8 +89,8 @@ def run_led_bench(*, trials: int = 400, drifts=DEFAULT_DRIFTS, noises=DEFAULT_NO
 
 def format_cell(cell: LedCell) -> str:
     return (f"{cell.drift:+9.1e} {cell.noise:6.2f} {cell.trials:7d} {cell.failures:9d} "
-            f"{cell.wrong:6d} {100 * cell.failure_rate:8.2f}% "
+            f"{cell.unsure:7d} {cell.wrong:6d} {100 * cell.failure_rate:8.2f}% "
             f"{1000 * cell.seconds / max(cell.trials, 1):9.1f}")
 
 
-HEADER = f"{'drift':>9} {'noise':>6} {'trials':>7} {'failures':>9} {'wrong':>6} {'rate':>9} {'ms/trial':>9}"
+HEADER = f"{'drift':>9} {'noise':>6} {'trials':>7} {'failures':>9} {'unsure':>7} {'wrong':>6} {'rate':>9} {'ms/trial':>9}"
