@@ -593,6 +593,7 @@ def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
     main = [0.0] * FRAME_BITS
     cov = [0] * FRAME_BITS
     pre = {}
+    obs = []                            # (frame bit, repetition, llr)
     for b in range(FRAME_BITS):
         k = u + b
         while k - UNIT_BITS >= kfirst:
@@ -606,6 +607,7 @@ def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
             else:
                 main[b] += v
                 cov[b] += 1
+                obs.append((b, (k - first_pre) // UNIT_BITS, v))
             k += UNIT_BITS
     if not all(cov[16:]):
         raise LedDecodeError("recording too short: part of the LED frame was not seen")
@@ -613,6 +615,7 @@ def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
                for b, v in pre.items()):
         for b, v in pre.items():
             main[b] += v
+            obs.append((b, -1, v))
     hard = [(START >> (15 - b)) & 1 for b in range(16)] + [1 if v > 0 else 0 for v in main[16:]]
     cost = [abs(v) for v in main]
     cands = _best_two(hard, cost)
@@ -624,4 +627,13 @@ def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
             f"{cands[1][0] - cands[0][0]:.1f} nats (repetitions disagree or too much noise)")
     mask = cands[0][1]
     bits = [hb ^ ((mask >> b) & 1) for b, hb in enumerate(hard)]
+    # Every repetition must agree with the frame on its own: strong evidence against it in one
+    # repetition, outweighed by another, means the repetitions differ (a corrupted transmission).
+    against: dict[int, float] = {}
+    for b, rep, v in obs:
+        if b >= 16 and (v > 0) != bool(bits[b]):
+            against[rep] = against.get(rep, 0.0) + abs(v)
+    if against and max(against.values()) > MAX_COST:
+        raise LedUncertainError(
+            f"LED frame not sure: a repetition contradicts it ({max(against.values()):.0f} nats)")
     return parse_frame(_from_bits(bits))
