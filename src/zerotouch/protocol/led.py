@@ -254,10 +254,12 @@ SEGMENT = 80              # timing-recovery block, in samples
 PHASES = 16               # bit-phase grid per block
 EXPOSURES = (0.16, 0.48, 0.76, 1.0)   # exposure windows tried, fraction of the frame interval
 MAX_RATE_ERROR = 3e-3     # camera/LED clock mismatch accepted
+TIMING_TOLERANCE = 0.06   # bits: a sample this close to a bit boundary may straddle it
 SIGMA_FLOOR = 0.03        # noise floor (fraction of the swing) in the soft decisions
 LLR_CLIP = 8.0            # per-bit evidence cap in the sync search
 MARGIN = 12.0             # nats the best checksum-valid frame must beat any other frame by
 MAX_COST = 16.0           # nats of evidence the best frame may overrule
+REPEAT_AGAINST = 32.0     # nats of evidence against the frame one repetition may hold
 
 
 def _solve_banded(a, rhs, bw):
@@ -320,40 +322,60 @@ def _envelope(y, m, smooth=10.0, wt=None):
     return off, sw
 
 
-def _assign(xs, h):
-    """For each sample centre x (in bits) with half window h: (k, f) = first bit under the window
-    and the fraction of the window in bit k + 1 (0 when the window is inside bit k)."""
+def _assign(xs: list[float], h: float, eps: float = 0.0) -> list[tuple[int, float, float, float]]:
+    """For each sample centre x (in bits) with half exposure window h, allowing a timing error of
+    +-eps bits: (k, f, flo, fhi) = the first bit the window may cover and the fraction of the
+    window in bit k + 1 (nominal, least, most); fhi = 0 when the window is inside bit k."""
     out = []
+    inv = 1.0 / (2 * h)
     for x in xs:
-        lo = x - h
-        k = math.floor(lo)
-        f = (x + h - k - 1) / (2 * h)
-        out.append((k, f if f > 0 else 0.0))
+        b = math.floor(x + h + eps)
+        if b > x - h - eps:
+            f = min(1.0, max(0.0, (x + h - b) * inv))
+            flo = min(1.0, max(0.0, (x - eps + h - b) * inv))
+            fhi = min(1.0, max(1e-9, (x + eps + h - b) * inv))
+            out.append((b - 1, f, flo, fhi))
+        else:
+            out.append((math.floor(x), 0.0, 0.0, 0.0))
     return out
 
 
 def _levels_from(z, asg):
     sums, cnts = {}, {}
-    for v, (k, f) in zip(z, asg):
-        if not f:
+    for v, (k, _f, _lo, hi) in zip(z, asg):
+        if not hi:
             sums[k] = sums.get(k, 0.0) + v
             cnts[k] = cnts.get(k, 0) + 1
     return {k: 1 if sums[k] > 0.5 * cnts[k] else 0 for k in sums}
 
 
+def _off_range(v: float, lo: float, hi: float) -> float:
+    return lo - v if v < lo else (v - hi if v > hi else 0.0)
+
+
 def _rss(z, asg):
     lv = _levels_from(z, asg)
     tot = 0.0
-    for v, (k, f) in zip(z, asg):
+    for v, (k, _f, flo, fhi) in zip(z, asg):
         a = lv.get(k)
-        if not f:
+        if not fhi:
             tot += (v - a) ** 2
             continue
         b = lv.get(k + 1)
-        if a is None or b is None:
+        if a is None or b is None:      # a bit without a clean sample: its best level
+            tot += min(_pair_res(v, a0, b0, flo, fhi) for a0 in ((a,) if a is not None else (0, 1))
+                       for b0 in ((b,) if b is not None else (0, 1)))
             continue
-        tot += (v - a - f * (b - a)) ** 2
+        tot += _pair_res(v, a, b, flo, fhi)
     return tot
+
+
+def _pair_res(v, a, b, flo, fhi):
+    if a == b:
+        return (v - a) ** 2
+    if b:
+        return _off_range(v, flo, fhi) ** 2
+    return _off_range(v, 1 - fhi, 1 - flo) ** 2
 
 
 def _timing(z: list[float], spb: float) -> tuple[list[float], float]:
@@ -421,22 +443,22 @@ def _bcjr(z, asg, sigma):
     """Forward-backward over the LED levels (2 states), every sample's likelihood given the level
     of the bit(s) under its exposure window. Returns kmin, per-level posterior P(1) and per-bit
     LLR (log P(toggle) / P(hold)) of the NRZI bit carried by level k (toggle from k - 1)."""
-    kmin = min(k for k, _f in asg)
-    kmax = max(k + (1 if f else 0) for k, f in asg)
+    kmin = min(a[0] for a in asg)
+    kmax = max(k + (1 if hi else 0) for k, _f, _lo, hi in asg)
     nb = kmax - kmin + 1
     inv = 1.0 / (2 * sigma * sigma)
     e0, e1 = [0.0] * nb, [0.0] * nb
     g = [[0.0, 0.0, 0.0, 0.0] for _ in range(nb)]
-    for v, (k, f) in zip(z, asg):
+    for v, (k, _f, flo, fhi) in zip(z, asg):
         k -= kmin
-        if not f:
+        if not fhi:
             e0[k] -= v * v * inv
             e1[k] -= (v - 1) ** 2 * inv
         else:
             gk = g[k]
             gk[0] -= v * v * inv
-            gk[1] -= (v - f) ** 2 * inv
-            gk[2] -= (v - 1 + f) ** 2 * inv
+            gk[1] -= _off_range(v, flo, fhi) ** 2 * inv
+            gk[2] -= _off_range(v, 1 - fhi, 1 - flo) ** 2 * inv
             gk[3] -= (v - 1) ** 2 * inv
     al = [(e0[0], e1[0])]
     for k in range(nb - 1):
@@ -471,7 +493,7 @@ def _bcjr(z, asg, sigma):
 
 def _mix(asg, lv, kmin):
     out = []
-    for k, f in asg:
+    for k, f, _lo, _hi in asg:
         a = lv[k - kmin]
         out.append(a if not f else a + f * (lv[k + 1 - kmin] - a))
     return out
@@ -553,10 +575,10 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
         z = [(v - o) / s for v, o, s in zip(y, off, sw)]
         if npass < 2:
             xs, h = _timing(z, spb)
-            asg = _assign(xs, h)
-            kmin0 = min(k for k, _f in asg)
+            asg = _assign(xs, h, TIMING_TOLERANCE)
+            kmin0 = min(a[0] for a in asg)
             lv0 = _levels_from(z, asg)
-            hard = [lv0.get(k, 0) for k in range(kmin0, max(k for k, _ in asg) + 2)]
+            hard = [lv0.get(k, 0) for k in range(kmin0, max(a[0] for a in asg) + 2)]
             sigma = _sigma(z, _mix(asg, hard, kmin0))
         kmin, p1, llr = _bcjr(z, asg, sigma)
         lv = [1 if p > 0.5 else 0 for p in p1]
@@ -564,7 +586,7 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
         sigma = _sigma(z, m)
         sig_y = sigma * sum(sw) / len(sw)
         smooth = max(0.5, 450 * sig_y * sig_y)   # smoother envelope when the picture is noisy
-        wt = [0.5 if f else 1.0 for _k, f in asg]
+        wt = [0.5 if hi else 1.0 for _k, _f, _lo, hi in asg]
     return _frame_from_llr(kmin, llr)
 
 
@@ -633,7 +655,7 @@ def _frame_from_llr(kmin: int, llr: list[float]) -> LedFrame:
     for b, rep, v in obs:
         if b >= 16 and (v > 0) != bool(bits[b]):
             against[rep] = against.get(rep, 0.0) + abs(v)
-    if against and max(against.values()) > MAX_COST:
+    if against and max(against.values()) > REPEAT_AGAINST:
         raise LedUncertainError(
             f"LED frame not sure: a repetition contradicts it ({max(against.values()):.0f} nats)")
     return parse_frame(_from_bits(bits))
