@@ -1,6 +1,7 @@
-"""Identity backends, chosen by name (`--identity software|tpm`)."""
+"""Identity backends, chosen by name (`--identity software|tpm|psk`)."""
 from __future__ import annotations
 
+from .psk import PskIdentityFactory
 from .software import SoftwareIdentityFactory
 
 
@@ -13,7 +14,8 @@ def _tpm_factory(**options):
     return TpmIdentityFactory(**options)
 
 
-IDENTITY_BACKENDS = {"software": SoftwareIdentityFactory, "tpm": _tpm_factory}
+IDENTITY_BACKENDS = {"software": SoftwareIdentityFactory, "tpm": _tpm_factory,
+                     "psk": PskIdentityFactory}   # no key pair: the PSK profile (protocol/psk.py)
 
 
 def identity_factory(kind: str, **options):

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..protocol.errors import (Conflict, MalformedMessage, NotAuthorized, NotFound,
                                ProtocolError)
+from ..protocol.psk import rendezvous_key
 from ..protocol.tte import TTE_PATH, Label
 from ..util.files import atomic_write
 from .manufacturer import MadeDevice, Manufacturer, RendezvousInfo
@@ -182,9 +183,15 @@ def make_box(manufacturer: Manufacturer, out_dir: Path, rendezvous_info: Rendezv
     start = _free_range(devices_dir, count)
     box = BoxLabel(rendezvous=rendezvous_info.url, master=master.hex(), first=f"{start:08x}",
                    last=f"{start + count - 1:08x}")
-    devices = [manufacturer.make_device(out_dir, rendezvous_info, identity=identity, devid=devid,
-                                        otp=derive_otp(master, devid))
-               for devid in box.devids()]
+    if identity == "psk":   # the PSK profile: no IDevID, symmetric crypto only
+        devices = [manufacturer.make_psk_device(out_dir, rendezvous_info, devid=devid,
+                                                otp=derive_otp(master, devid),
+                                                psk=derive_psk(master, devid))
+                   for devid in box.devids()]
+    else:
+        devices = [manufacturer.make_device(out_dir, rendezvous_info, identity=identity,
+                                            devid=devid, otp=derive_otp(master, devid))
+                   for devid in box.devids()]
     for dev in devices:   # PSK mode (`--coap-security oscore-psk`): the box's derived key
         atomic_write(dev.device_dir / DEVICE_PSK_FILE, derive_psk(master, dev.serial).hex().encode(),
                      mode=0o600)
@@ -282,9 +289,11 @@ async def claim_box(rendezvous: RendezvousService, box: BoxLabel | str, cip: str
             exc = locked[devid]
             result.devices.append(DeviceOutcome(devid, exc.status, exc.code, message=exc.message))
             continue
+        # PSK devices: the rendezvous gets K_rv (derived, never the PSK); others ignore it.
+        k_rv = rendezvous_key(derive_psk(master, devid), devid).hex()
         try:
             r = await rendezvous.claim(otp_hex=otp, devid_hex=devid, cip=cip, cport=cport,
-                                       cfingerprint=cfingerprint, **src, **edhoc)
+                                       cfingerprint=cfingerprint, cpsk=k_rv, **src, **edhoc)
         except Conflict as exc:
             result.devices.append(DeviceOutcome(devid, 409, "already_claimed", message=exc.message))
         except ProtocolError as exc:

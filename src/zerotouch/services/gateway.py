@@ -30,7 +30,9 @@ from ..protocol.verify import check_fresh, verify_device_signed
 from ..storage.base import SessionRecord, Store
 from ..protocol.sealing import check_seal_key
 from .attestation import AttestationFailed, TpmAttestation, summary as attestation_summary
+from ..protocol.psk import is_mac0
 from .gateway_inventory import InventoryIntake, StatusQuery
+from .gateway_psk import GatewayPsk
 from .vault import Vault, check_csr
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class GatewayConfig:
     # config.json "admission": "introduced" (only devices in the inventory: from a label, a
     # CSV or an introducer's notice) or "any" (see GatewayService.hello).
     admission: str = "introduced"
+    # The terminus' TLS-PSK listener, named in the bundle of PSK-profile devices (gateway_psk.py).
+    terminus_psk_port: int | None = None
 
 
 Notifier = Callable[[bytes], Awaitable[None]]
@@ -60,7 +64,8 @@ class GatewayService(InventoryIntake):
     def __init__(self, store: Store, vault: Vault, config: GatewayConfig,
                  notify_rendezvous: Notifier | None = None,
                  query_rendezvous: StatusQuery | None = None,
-                 tpm: TpmAttestation | None = None):
+                 tpm: TpmAttestation | None = None,
+                 psk_lookup: Callable[[str], bytes | None] | None = None):
         if config.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, not {config.admission!r}")
         self.store = store
@@ -71,9 +76,14 @@ class GatewayService(InventoryIntake):
         # TPM evidence is checked against the owner's TPM maker roots and PCR policies; with
         # none configured, TPM devices are refused (and say why) and software ones onboard.
         self.tpm = tpm or TpmAttestation(EkVerifier([]))
+        # PSK-profile devices (COSE_Mac0 messages): their PSKs by serial (psk.json), or None.
+        self.psk_lookup = psk_lookup
+        self.psk = GatewayPsk(self)
 
     # --- onboarding ---------------------------------------------------------------------
     async def hello(self, body: bytes) -> bytes:
+        if is_mac0(body):   # a device without public-key crypto (the PSK profile)
+            return await self.psk.hello(body)
         now = self.cfg.clock()
         msg, cert = verify_device_signed(body, Hello, self.cfg.manufacturer_cas, now)
         check_fresh(msg.time, now)
@@ -156,6 +166,8 @@ class GatewayService(InventoryIntake):
         return sess
 
     async def prove(self, body: bytes) -> bytes:
+        if is_mac0(body):
+            return await self.psk.prove(body)
         msg, cert, sess = await self._session_message(body, Prove, SessionState.CREDENTIALED)
         try:
             if not hmac.compare_digest(msg.challenge, sess.challenge):
@@ -206,6 +218,8 @@ class GatewayService(InventoryIntake):
                                      with_chain=False)
 
     async def done(self, body: bytes) -> bytes:
+        if is_mac0(body):
+            return await self.psk.done(body)
         msg, cert, sess = await self._session_message(body, Done, SessionState.DONE)
         if not sess.ldevid_der or not hmac.compare_digest(
                 msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):

@@ -93,7 +93,11 @@ class Manufacturer:
         """`idevid_via(csr_der) -> IDevID`: certify the device key elsewhere (the factory EST
         service, `factory_est.idevid_via_est`) instead of with the in-process CA.
         `devid` / `otp`: a chosen Device ID and 8-byte OTP (a bulk box derives them); by
-        default both are random."""
+        default both are random. `identity="psk"`: a device of the PSK profile (no IDevID)."""
+        if identity == "psk":
+            if idevid_via is not None or tcti or model:
+                raise ValueError("a PSK device has no IDevID (no EST, TPM or model)")
+            return self.make_psk_device(out_dir, rendezvous, devid=devid, otp=otp)
         out_dir = Path(out_dir)
         devices_dir = out_dir / "devices"
         devices_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,44 @@ class Manufacturer:
         salt = os.urandom(16)
         reg = RvRegister(serial=serial, urn=urn, idevid=cert_der(idevid), otp_salt=salt,
                          otp_hash=otp_hash(n_device, salt))
+        signed = cose.sign1(reg.encode(), cose.SoftwareSigner(self.ca.key), x5chain=[cert_der(self.ca.cert)])
+        return MadeDevice(serial=serial, urn=urn, device_dir=device_dir, label=label, registration=signed)
+
+    def make_psk_device(self, out_dir: Path, rendezvous: RendezvousInfo, *,
+                        psk: bytes | None = None, devid: str | None = None,
+                        otp: bytes | None = None) -> MadeDevice:
+        """A device of the PSK profile (protocol/psk.py): no key pair, no IDevID; it holds
+        N_device (its OTP) and a 32-byte PSK (`psk`, or random). The registration carries the
+        commitment to its rendezvous key K_rv, never a key."""
+        from ..identity.psk import PskIdentityFactory
+        from ..protocol.psk import PskIdentityError, RvRegisterPsk, psk_commitment, rendezvous_key
+        out_dir = Path(out_dir)
+        devices_dir = out_dir / "devices"
+        devices_dir.mkdir(parents=True, exist_ok=True)
+        if otp is not None and len(otp) != 8:
+            raise ValueError("otp must be 8 bytes")
+        if devid is not None and not _is_devid(devid):
+            raise ValueError("devid must be 8 lowercase hex digits, not 00000000")
+        psk = psk if psk is not None else os.urandom(32)
+        if len(psk) != 32:
+            raise PskIdentityError("a PSK must be 32 bytes")
+        serial = devid if devid is not None else self._new_devid(devices_dir)
+        urn = f"{DEVICE_URN_PREFIX}{serial}"
+        device_dir = devices_dir / serial
+        device_dir.mkdir(mode=0o700)
+        n_device = otp if otp is not None else os.urandom(8)
+        PskIdentityFactory().provision(device_dir, n_device, psk=psk)
+        atomic_write_json(device_dir / FACTORY_FILE, {
+            "serial": serial, "urn": urn, "identity": "psk",
+            "rendezvous_url": rendezvous.url,
+            # kept for tools; a PSK device verifies nothing with them (its redirect is MAC'd)
+            "rendezvous_key_pem": rendezvous.key_pem, "rendezvous_tls_ca_pem": rendezvous.tls_ca_pem,
+        })
+        label = Label(rendezvous=rendezvous.url, devid=serial, otp=n_device.hex())
+        write_label(label, out_dir / "labels")
+        salt = os.urandom(16)
+        reg = RvRegisterPsk(serial=serial, urn=urn, otp_salt=salt, otp_hash=otp_hash(n_device, salt),
+                            psk_commit=psk_commitment(rendezvous_key(psk, serial), serial))
         signed = cose.sign1(reg.encode(), cose.SoftwareSigner(self.ca.key), x5chain=[cert_der(self.ca.cert)])
         return MadeDevice(serial=serial, urn=urn, device_dir=device_dir, label=label, registration=signed)
 

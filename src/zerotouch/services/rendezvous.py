@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..pki.ca import device_identity, load_der_cert, public_key_of, verify_device_chain
 from ..pki.keys import cert_fingerprint, spki_fingerprint
-from ..protocol import cose
+from ..protocol import cose, psk
 from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import (Conflict, MalformedMessage, NotAuthorized, NotFound, ProtocolError,
                                TryLater)
@@ -154,12 +154,21 @@ def parse_edhoc_fingerprint(cedhoc) -> bytes | None:
 
 
 class RendezvousService:
-    def __init__(self, repo: RendezvousRepo, signer: cose.Signer, config: RendezvousConfig):
+    def __init__(self, repo: RendezvousRepo, signer: cose.Signer, config: RendezvousConfig,
+                 psk_keys=None):
         self.repo = repo
         self.signer = signer
         self.cfg = config
         self._ca_fps = {cert_fingerprint(c) for c in config.manufacturer_cas}
         self.limiter = SourceLimiter(repo, config)
+        # PSK devices (rendezvous_psk.RvPskKeys): commitments and K_rv, encrypted at rest.
+        # None: this rendezvous refuses PSK devices, saying so.
+        self.psk_keys = psk_keys
+
+    def _psk(self):
+        if self.psk_keys is None:
+            raise NotAuthorized("this rendezvous is not set up for PSK devices")
+        return self.psk_keys
 
     @property
     def public_key(self):
@@ -174,7 +183,10 @@ class RendezvousService:
         ca = load_der_cert(chain[0])
         if cert_fingerprint(ca) not in self._ca_fps:
             raise NotAuthorized("registration is signed by an unknown manufacturer")
-        reg = RvRegister.decode(signed.verify(public_key_of(ca)))
+        payload = signed.verify(public_key_of(ca))
+        if _message_type(payload) == psk.RvRegisterPsk.TYPE:
+            return await self._register_psk(psk.RvRegisterPsk.decode(payload))
+        reg = RvRegister.decode(payload)
         idevid = load_der_cert(reg.idevid)
         verify_device_chain(idevid, [ca])
         serial, urn = device_identity(idevid)
@@ -187,27 +199,42 @@ class RendezvousService:
         return rec
 
     async def claim(self, *, otp_hex: str, devid_hex: str, cip: str, cport, cfingerprint: str,
-                    source: str | None = None, cedhoc: str | None = None) -> ClaimResult:
+                    source: str | None = None, cedhoc: str | None = None,
+                    cpsk: str | None = None) -> ClaimResult:
         """One-time claim by OTP (TTE). A second claim is refused and changes nothing.
         `source`: the client address, for the per-source limit on wrong OTPs. `cedhoc`
-        (optional): the gateway's EDHOC key fingerprint, signed into the device's redirect."""
+        (optional): the gateway's EDHOC key fingerprint, signed into the device's redirect.
+        `cpsk`: for a PSK device, its rendezvous key K_rv (64 hex digits), checked against the
+        manufacturer's commitment; ignored (never stored) for a certificate device."""
         serial, otp = _parse_label_ids(devid_hex, otp_hex)
         gateway_url, owner_fp = parse_owner_address(cip, cport, cfingerprint)
         edhoc_fp = parse_edhoc_fingerprint(cedhoc)
+        k_rv = psk.parse_psk_hex(cpsk)
         rec = await self._check_otp(serial, otp, source)
         if rec.status is RendezvousStatus.REVOKED:
             raise ProtocolError("device is revoked", status=410, code="revoked")
+        if _is_psk_device(rec) and rec.status is RendezvousStatus.NOT_MAPPED:
+            # Stored before the mapping: any K_rv that matches the commitment is the one, so a
+            # concurrent claim that loses the race below has written the same value.
+            keys = self._psk()
+            if k_rv is None:
+                raise MalformedMessage("this is a PSK device: the claim needs cpsk (its rendezvous "
+                                       "key; `box claim` derives it from the box)")
+            if not keys.matches(await keys.commit(serial), psk.psk_commitment(k_rv, serial)):
+                raise NotAuthorized("cpsk is not this device's rendezvous key (the manufacturer's "
+                                    "commitment differs)")
+            await keys.put_key(serial, k_rv)
         if rec.status is not RendezvousStatus.NOT_MAPPED or not await self.repo.claim(
                 serial, gateway_url, owner_fp, self.cfg.clock(), gateway_edhoc_fp=edhoc_fp):
             raise Conflict("this OTP was already used: the device is claimed. If you did not "
                            "claim it, its label may have been copied.")
-        return self._claim_result(await self.repo.get(serial))
+        return await self._result(await self.repo.get(serial))
 
     async def status(self, *, otp_hex: str, devid_hex: str, source: str | None = None) -> ClaimResult:
         """The device's status for whoever holds its OTP (the OTP keeps answering after the
         claim): not_mapped, mapped, registered or revoked."""
         serial, otp = _parse_label_ids(devid_hex, otp_hex)
-        return self._claim_result(await self._check_otp(serial, otp, source))
+        return await self._result(await self._check_otp(serial, otp, source))
 
     async def _check_otp(self, serial: str, otp: bytes, source: str | None = None) -> RvDeviceRecord:
         await self.limiter.check(source)
@@ -260,13 +287,24 @@ class RendezvousService:
                 unknown.append(serial)
                 continue
             devices.append({"serial": rec.serial, "urn": rec.urn, "status": rec.status.value,
-                            "fingerprint": cert_fingerprint(load_der_cert(rec.idevid_der)).hex()})
+                            "fingerprint": (await self._fingerprint(rec)).hex()})
         return {"devices": devices, "unknown": unknown}
 
-    @staticmethod
-    def _claim_result(rec: RvDeviceRecord | None) -> ClaimResult:
+    async def _fingerprint(self, rec: RvDeviceRecord) -> bytes:
+        """TTE's device fingerprint: of the IDevID, or a PSK device's K_rv commitment."""
+        if _is_psk_device(rec):
+            return (await self._psk().commit(rec.serial)) or b""
+        return cert_fingerprint(load_der_cert(rec.idevid_der))
+
+    async def _result(self, rec: RvDeviceRecord | None) -> ClaimResult:
         assert rec is not None
-        fp = cert_fingerprint(load_der_cert(rec.idevid_der)).hex()
+        return self._claim_result(rec, (await self._fingerprint(rec)).hex())
+
+    @staticmethod
+    def _claim_result(rec: RvDeviceRecord | None, fp: str | None = None) -> ClaimResult:
+        assert rec is not None
+        if fp is None:
+            fp = cert_fingerprint(load_der_cert(rec.idevid_der)).hex()
         extra = {"gateway_url": rec.gateway_url} if rec.gateway_url else {}
         if rec.owner_fp:  # lets the introducer tell "claimed by us before" from "stolen OTP"
             extra["owner_fingerprint"] = rec.owner_fp.hex()
@@ -275,6 +313,8 @@ class RendezvousService:
 
     async def find_owner(self, body: bytes) -> bytes:
         now = self.cfg.clock()
+        if psk.is_mac0(body):
+            return await self._find_owner_psk(body, now)
         msg, cert = verify_device_signed(body, FindOwner, self.cfg.manufacturer_cas, now)
         check_fresh(msg.time, now)
         rec = await self.repo.get(msg.serial)
@@ -293,6 +333,45 @@ class RendezvousService:
                             expires=int(now) + self.cfg.redirect_ttl,
                             gateway_edhoc_fp=rec.gateway_edhoc_fp)
         return cose.sign1(redirect.encode(), self.signer)
+
+    # --- PSK devices (protocol/psk.py) --------------------------------------------------------
+    async def _register_psk(self, reg: psk.RvRegisterPsk) -> RvDeviceRecord:
+        keys = self._psk()
+        rec = RvDeviceRecord(serial=reg.serial, urn=reg.urn, idevid_der=b"",   # no IDevID
+                             otp_salt=reg.otp_salt, otp_hash=reg.otp_hash,
+                             created_at=self.cfg.clock())
+        await self.repo.add(rec)   # a second registration is refused before anything is written
+        await keys.put_commit(reg.serial, reg.psk_commit)
+        return rec
+
+    async def _find_owner_psk(self, body: bytes, now: float) -> bytes:
+        """A PSK device's find-owner, MAC'd with its K_rv; the redirect MAC'd back with it."""
+        mac = psk.parse_mac0(body, max_size=MAX_MESSAGE)
+        unverified = FindOwner.decode(mac.payload)   # only to find the key: trusted after verify
+        if mac.kid != psk.device_kid(unverified.serial):
+            raise NotAuthorized("message names another device than its kid")
+        rec = await self.repo.get(unverified.serial)
+        if rec is None:
+            raise NotFound("device is not registered at this rendezvous",
+                           retry_after=self.cfg.retry_after * 6)
+        if not _is_psk_device(rec):
+            raise NotAuthorized("a certificate device must sign its messages (this one is MAC'd)")
+        if rec.status is RendezvousStatus.REVOKED:
+            raise ProtocolError("device is revoked", status=410, code="revoked")
+        k_rv = await self._psk().key(rec.serial)
+        if rec.status is RendezvousStatus.NOT_MAPPED or k_rv is None:
+            # Before the claim no key exists to check the MAC with: all anyone learns is what
+            # the status query (with the OTP) would say anyway.
+            raise TryLater("device is not claimed by an owner yet", retry_after=self.cfg.retry_after)
+        legs = psk.RendezvousLegKeys.from_rv_key(k_rv, rec.serial)
+        msg = FindOwner.decode(mac.verify(legs.up))
+        check_fresh(msg.time, now)
+        assert rec.gateway_url and rec.owner_fp
+        redirect = Redirect(serial=rec.serial, nonce=msg.nonce, gateway_url=rec.gateway_url,
+                            owner_fp=rec.owner_fp, issued=int(now),
+                            expires=int(now) + self.cfg.redirect_ttl,
+                            gateway_edhoc_fp=rec.gateway_edhoc_fp)
+        return psk.mac0(redirect.encode(), legs.down)
 
     async def registered(self, body: bytes) -> None:
         """The owner reports the device reached it: mapped → registered."""
@@ -320,12 +399,27 @@ class RendezvousService:
             raise NotFound(f"no device {serial} is registered here")
         if rec.status is not RendezvousStatus.REVOKED:
             await self._move(rec, RendezvousStatus.REVOKED, self.cfg.clock())
+        if _is_psk_device(rec) and self.psk_keys is not None:
+            await self.psk_keys.forget(serial)   # never redirected again: K_rv has no use left
         return await self.repo.get(serial)
 
     async def _move(self, rec: RvDeviceRecord, new: RendezvousStatus, now: float) -> None:
         check_transition(RENDEZVOUS_TRANSITIONS, rec.status, new)
         if not await self.repo.set_status(rec.serial, rec.status, new, now):
             raise Conflict(f"device {rec.serial} changed status meanwhile; try again")
+
+
+def _is_psk_device(rec: RvDeviceRecord) -> bool:
+    return rec.idevid_der == b""
+
+
+def _message_type(payload: bytes):
+    import cbor2
+    try:
+        obj = cbor2.loads(payload)
+    except Exception:
+        return None
+    return obj.get(0) if isinstance(obj, dict) else None
 
 
 def _parse_label_ids(devid_hex: str, otp_hex: str) -> tuple[str, bytes]:

@@ -69,6 +69,11 @@ class Vault(Protocol):
                                       nonce: bytes) -> bytes:
         """The same, sealed so that only the TPM of that EK can open it (TPM2_Import blob)."""
 
+    async def seal_channel_secret_psk(self, serial: str, *, wrap_key: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        """The same for a PSK device: wrapped with AES-GCM under a key from `wrap_key` (the
+        gateway's per-session key from the PSK, psk.session_wrap_key) and N_device."""
+
 
 def init_vault_dir(directory: Path, *, owner_name: str = "zerotouch owner") -> None:
     """Create the vault key, the owner key and the self-signed owner CA (idempotent)."""
@@ -219,6 +224,18 @@ class LocalVault:
         sealed = seal_to_tpm(ek_key, plain).to_bytes()
         await self._secrets.put("channel", serial, self._enc("channel", serial, secret))
         return sealed
+
+    async def seal_channel_secret_psk(self, serial: str, *, wrap_key: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        from ..protocol.psk import wrap_secret
+        if not isinstance(wrap_key, bytes) or len(wrap_key) != 32:
+            raise MalformedMessage("wrap key must be 32 bytes")
+        n_device = await self._n_device(serial)
+        secret = os.urandom(32)
+        wrapped = wrap_secret(wrap_key, serial=serial, session=session, secret=secret, nonce=nonce,
+                              n_device=n_device)
+        await self._secrets.put("channel", serial, self._enc("channel", serial, secret))
+        return wrapped
 
     async def channel_secret(self, serial: str) -> bytes | None:
         """For the terminus side of the channel (and for tests)."""

@@ -171,3 +171,8 @@ class RemoteVault:
                                       nonce: bytes) -> bytes:
         return await self._call("seal_channel_secret_tpm", serial=serial, ek_cert=ek_cert,
                                 session=session, nonce=nonce)
+
+    async def seal_channel_secret_psk(self, serial: str, *, wrap_key: bytes, session: bytes,
+                                      nonce: bytes) -> bytes:
+        return await self._call("seal_channel_secret_psk", serial=serial, wrap_key=wrap_key,
+                                session=session, nonce=nonce)

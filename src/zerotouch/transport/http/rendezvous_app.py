@@ -146,6 +146,7 @@ def rendezvous_app(service: RendezvousService, public_info: dict | None = None) 
                                          cip=_text(data.get("cip", ""), "cip"), cport=data.get("cport", ""),
                                          cfingerprint=_text(data.get("cfingerprint", ""), "cfingerprint"),
                                          cedhoc=_text(data.get("cedhoc", ""), "cedhoc"),
+                                         cpsk=_text(data.get("cpsk", ""), "cpsk") or None,
                                          source=request.remote)
         except ProtocolError as exc:
             if not as_html:

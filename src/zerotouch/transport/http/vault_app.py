@@ -52,6 +52,8 @@ OPS: dict[str, tuple[str, dict[str, type], type]] = {
                                                     "session": bytes, "nonce": bytes}, bytes),
     "seal-channel-secret-tpm": ("seal_channel_secret_tpm", {"serial": str, "ek_cert": bytes,
                                                             "session": bytes, "nonce": bytes}, bytes),
+    "seal-channel-secret-psk": ("seal_channel_secret_psk", {"serial": str, "wrap_key": bytes,
+                                                            "session": bytes, "nonce": bytes}, bytes),
 }
 OP_OF_METHOD = {method: op for op, (method, _a, _r) in OPS.items()}
 
