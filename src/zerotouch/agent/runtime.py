@@ -126,6 +126,10 @@ class Agent:
 
     def _core(self) -> DeviceOnboarding:
         identity = self._identity = self.open_identity()
+        if identity.kind == "psk":   # no public-key crypto: the PSK profile (protocol/psk.py)
+            from ..protocol.psk_device import PskDeviceOnboarding
+            return PskDeviceOnboarding(serial=self.serial, n_device=identity.n_device(),
+                                       psk_key=identity.psk(), clock=self.clock, rng=self.rng)
         return DeviceOnboarding(
             serial=self.serial, urn=self.factory["urn"],
             rendezvous_key=load_public_key_pem(self.factory["rendezvous_key_pem"].encode()),
@@ -142,7 +146,7 @@ class Agent:
     async def _device(self, step, *args):
         """A step of the device core. TPM commands block on the TPM: off the event loop, so a
         simulated fleet's devices do not wait for each other's TPMs."""
-        if self._identity.kind == "software":
+        if self._identity.kind in ("software", "psk"):
             return step(*args)
         return await asyncio.to_thread(step, *args)
 
@@ -164,6 +168,11 @@ class Agent:
         core.receive_done_ack(await w(t.gateway(gw, "done", await d(core.done_request))))
 
     def _store(self, result) -> None:
+        if self._psk:
+            from .psk import store_psk_credentials
+            store_psk_credentials(self.dir, bundle=result.bundle_raw,
+                                  channel_secret=result.channel_secret)
+            return
         self._identity.commit_ldevid()
         store_credentials(self.dir, ldevid_pem=der_to_pem(result.ldevid_der),
                           owner_ca_pem=der_to_pem(result.owner_ca_der), bundle=result.bundle_raw,
@@ -172,7 +181,7 @@ class Agent:
     def _check_gateway_tls(self, core: DeviceOnboarding) -> None:
         """Now that the owner is proven, the TLS peer must hold a certificate from the owner CA."""
         peer = getattr(self.transport, "gateway_peer_cert", None)
-        if peer is None:
+        if peer is None or not core.owner_ca_der:   # (a PSK device has no owner CA: MACs only)
             return  # transport without TLS certificates (in-memory tests, OSCORE)
         owner_ca = x509.load_der_x509_certificate(core.owner_ca_der)
         try:
@@ -254,6 +263,15 @@ class Agent:
     async def publish(self, state: AgentState, count: int, report: AgentReport) -> None:
         from .telemetry import publish_telemetry, publish_telemetry_with_tpm_key, telemetry_payload
 
+        if self._psk:   # TLS-PSK: identity = serial, key from the channel secret
+            from .psk import device_terminus_psk, publish_telemetry_psk
+            codes = await publish_telemetry_psk(
+                host=state.terminus_host, port=state.terminus_port, identity=self.serial,
+                key=device_terminus_psk(self.dir, self.serial), topic=f"{state.topic_prefix}/telemetry",
+                payloads=[telemetry_payload(self.serial, i, self.clock()) for i in range(count)])
+            report.telemetry_sent = sum(1 for c in codes if c < 0x80)
+            report.telemetry_refused = sum(1 for c in codes if c >= 0x80)
+            return
         cert_file, key_file = self.terminus_credentials(state)
         publish = publish_telemetry
         if self._tpm:   # the TLS key is in the TPM
@@ -280,6 +298,10 @@ class Agent:
             report.errors = (report.errors + [result.error])[-MAX_ERRORS:]
 
     @property
+    def _psk(self) -> bool:
+        return self.factory.get("identity") == "psk"
+
+    @property
     def _tpm(self) -> bool:
         return self.factory.get("identity") == "tpm"
 
@@ -301,6 +323,8 @@ class Agent:
         return OperationalFiles(self.dir, keys=TpmKeyStore(self.factory["tcti"]))
 
     def _operational_on(self, state: AgentState) -> bool:
+        if self._psk:
+            return False   # no key pair: no certificates, operational or other
         return state.onboarded and (self.operational if self.operational is not None
                                     else state.operational)
 

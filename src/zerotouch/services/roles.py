@@ -100,7 +100,7 @@ def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: lis
                  terminus_host: str = "127.0.0.1", terminus_port: int = 8883,
                  rendezvous_info: str | None = None, db: str | None = None,
                  public_host: str | None = None, owner_name: str = "zerotouch owner",
-                 bundle_settings: dict | None = None) -> dict:
+                 bundle_settings: dict | None = None, terminus_psk_port: int | None = None) -> dict:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -124,6 +124,8 @@ def init_gateway(directory: Path, *, host: str, port: int, manufacturer_cas: lis
            "edhoc_fingerprint": _edhoc_fingerprint(d)}
     if bundle_settings is not None:
         cfg["bundle_settings"] = bundle_settings
+    if terminus_psk_port is not None:   # the terminus' TLS-PSK listener (PSK-profile devices)
+        cfg["terminus_psk_port"] = terminus_psk_port
     if (d / "config.json").exists():
         # Re-running init updates what it sets and keeps the rest (e.g. a separate vault's URL).
         cfg = {**read_json(d / "config.json"), **cfg}
@@ -199,6 +201,15 @@ class RunningGateway:
         return (self.directory / "admin.token").read_text().strip()
 
 
+def _psk_lookup(directory: Path):
+    """PSK-profile devices' keys from `DIR/psk.json` (followed as it changes), or None."""
+    try:
+        from ..transport.coap.security import PskFile
+    except ImportError:   # no aiocoap: no CoAP, and so no PSK devices
+        return None
+    return PskFile(directory).psk_for
+
+
 async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     d = Path(directory)
     cfg = read_json(d / "config.json")
@@ -219,13 +230,14 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
     # What the owner tells its devices in the signed bundle (e.g. est_operational).
     gcfg.settings.update(cfg.get("bundle_settings", {}))
     gcfg.admission = cfg.get("admission", "introduced")
+    gcfg.terminus_psk_port = cfg.get("terminus_psk_port")
     from .gateway_inventory import rendezvous_status_client
     query = (rendezvous_status_client(cfg["rendezvous_url"], cfg.get("rendezvous_tls_ca_pem"))
              if cfg.get("rendezvous_url") else None)
     from .attestation import TpmAttestation
     # TPM maker roots and PCR policies from the gateway dir (zerotouch tpm trust / policy install)
     service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier, query_rendezvous=query,
-                             tpm=TpmAttestation.load(d))
+                             tpm=TpmAttestation.load(d), psk_lookup=_psk_lookup(d))
     # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
     est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
     return RunningGateway(service, store, cfg, d, notifier, remote, est)

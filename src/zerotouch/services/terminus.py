@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import signal
 import shutil
 import ssl
 import time
@@ -49,6 +50,10 @@ class TerminusFiles:
     observer_key: Path
     log: Path
     stderr: Path
+    # PSK-profile devices (no certificates): a TLS-PSK listener, identity = serial,
+    # key = psk.terminus_psk(channel secret, serial), listed in `psk_file` (0600)
+    psk_port: int | None = None
+    psk_file: Path | None = None
 
     @property
     def url(self) -> str:
@@ -93,13 +98,27 @@ def _config_text(files: TerminusFiles, crlfile: Path | None, run_as: str) -> str
     ]
     if crlfile is not None:
         lines.append(f"crlfile {Path(crlfile).resolve()}")
+    if files.psk_port is not None:
+        lines += [
+            "",
+            # devices without public-key crypto: TLS-PSK, the PSK identity (= serial) becomes
+            # the username, so the same ACL pattern confines them to devices/<serial>/#
+            f"psk_file {files.psk_file}",
+            f"listener {files.psk_port} {files.host}",
+            "protocol mqtt",
+            "psk_hint zerotouch-terminus",
+            "tls_version tlsv1.2",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_terminus_config(directory: Path, *, ca: CertificateAuthority, host: str = "127.0.0.1",
                           port: int, topic_root: str = "devices",
-                          crlfile: Path | None = None) -> TerminusFiles:
-    """Write keys, certificates, ACL and mosquitto.conf for a terminus into `directory`."""
+                          crlfile: Path | None = None, psk_port: int | None = None) -> TerminusFiles:
+    """Write keys, certificates, ACL and mosquitto.conf for a terminus into `directory`.
+    `psk_port`: also a TLS-PSK listener for PSK-profile devices (`write_psk_file` fills it)."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     files = TerminusFiles(
@@ -107,7 +126,10 @@ def write_terminus_config(directory: Path, *, ca: CertificateAuthority, host: st
         config=d / "mosquitto.conf", acl=d / "acl", ca=d / "ca.pem",
         server_cert=d / "server.pem", server_key=d / "server.key",
         observer_cert=d / "observer.pem", observer_key=d / "observer.key",
-        log=d / "mosquitto.log", stderr=d / "mosquitto.stderr")
+        log=d / "mosquitto.log", stderr=d / "mosquitto.stderr",
+        psk_port=psk_port, psk_file=d / "psk_file" if psk_port is not None else None)
+    if files.psk_file is not None and not files.psk_file.exists():
+        write_psk_file(files, {})
 
     atomic_write(files.ca, cert_pem(ca.cert))
     server_key = generate_p256()
@@ -123,6 +145,35 @@ def write_terminus_config(directory: Path, *, ca: CertificateAuthority, host: st
     run_as = pwd.getpwuid(os.geteuid()).pw_name
     atomic_write(files.config, _config_text(files, crlfile, run_as).encode())
     return files
+
+
+def write_psk_file(files: TerminusFiles, keys: dict[str, bytes]) -> bool:
+    """Mosquitto's psk_file (`identity:hexkey` lines, 0600, replaced atomically) for the PSK
+    listener; True if it changed (then `Terminus.reload()`). Keys never reach a log."""
+    if files.psk_file is None:
+        raise ValueError("this terminus has no PSK listener")
+    for serial in keys:
+        if not serial or any(c in serial for c in ":\n/+#") or serial in RESERVED_CNS:
+            raise ValueError("a PSK identity must be a plain device serial")
+    text = "".join(f"{s}:{k.hex()}\n" for s, k in sorted(keys.items())).encode()
+    if files.psk_file.exists() and files.psk_file.read_bytes() == text:
+        return False
+    atomic_write(files.psk_file, text, mode=0o600)
+    return True
+
+
+async def terminus_psk_keys(store, vault) -> dict[str, bytes]:
+    """The TLS-PSK key of every onboarded, not revoked PSK-profile device (inventory marks
+    them with ldevid_serial "psk"), derived from its channel secret in the vault."""
+    from ..protocol.psk import terminus_psk
+    from ..protocol.states import InventoryState
+    out = {}
+    for rec in await store.inventory.list(limit=1_000_000):
+        if rec.ldevid_serial == "psk" and rec.state is InventoryState.ONBOARDED:
+            secret = await vault.channel_secret(rec.serial)
+            if secret:
+                out[rec.serial] = terminus_psk(secret, rec.serial)
+    return out
 
 
 def client_tls_context(ca_file: Path, cert_file: Path | None = None,
@@ -203,6 +254,11 @@ class Terminus:
                 await asyncio.sleep(0.05)
         raise TerminusError(f"terminus did not accept TLS on {self.url} within "
                             f"{self.start_timeout}s (last error: {last!r})\n" + self._diagnostics())
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads psk_file (and crlfile) for new connections."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -30,6 +30,7 @@ from ...protocol import cose
 from ...protocol.codec import MAX_MESSAGE
 from ...protocol.errors import ProtocolError
 from ...protocol.messages import Done, FindOwner, Hello
+from ...protocol.psk import is_mac0, parse_mac0
 
 PSK_CLAIM = "zt-psk:"          # oscore_psk.server_context
 EDHOC_CLAIM = "edhoc-device:"  # edhoc.CLAIM_PREFIX
@@ -74,6 +75,8 @@ class ChannelBinding:
 
     def _check(self, step, body, peer):
         kind, ident = peer
+        if is_mac0(body):
+            return self._check_mac0(step, body, kind, ident)
         signed = cose.parse_sign1(body, max_size=MAX_MESSAGE)  # malformed: 4.00, as the core says
         cls = _SERIAL_OF.get(step)
         serial = cls.decode(signed.payload).serial if cls is not None else None
@@ -95,6 +98,22 @@ class ChannelBinding:
         kid = signed.kid
         if kid is None or kid not in self._kids.get(peer, ()):
             raise ChannelMismatch("the message names a certificate this channel has not shown")
+        return None
+
+    @staticmethod
+    def _check_mac0(step, body, kind, ident):
+        """A PSK-profile message (COSE_Mac0): its kid is its serial. Under a device's PSK
+        context it must be that device's; an EDHOC device (it has keys) never sends one.
+        Which session a prove belongs to is checked by the core against the MAC's key."""
+        mac = parse_mac0(body, max_size=MAX_MESSAGE)
+        if kind != "psk":
+            raise ChannelMismatch("a MAC'd (PSK profile) message on a channel of a device with keys")
+        cls = _SERIAL_OF.get(step)
+        serial = cls.decode(mac.payload).serial if cls is not None else None
+        kid = (mac.kid or b"").decode(errors="replace").lower()
+        if kid != ident or (serial is not None and serial.lower() != ident):
+            raise ChannelMismatch(f"this PSK context belongs to device {ident}, "
+                                  f"the message names another")
         return None
 
     def accepted(self, peer: tuple[str, str], kid: bytes | None) -> None:
