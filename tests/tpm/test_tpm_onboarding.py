@@ -257,3 +257,53 @@ async def test_prove_without_tpm_evidence_after_a_tpm_hello_is_refused(fleet, sw
     finally:
         identity.close()
     assert await fleet.vault.channel_secret(dev.serial) is None
+
+
+@pytest.mark.parametrize("evidence", [
+    (b"\x30\x03junk", None),                 # junk EK certificate
+    (None, b"\x00\x23junk"),                 # AK without EK certificate
+    ("ek", b"\x00\x23\x00\x0bjunk"),         # genuine EK certificate, junk AK public area
+    ("ek", b"\x00" * 300),                   # AK public area of zeros
+])
+async def test_malformed_tpm_evidence_is_a_clear_4xx_and_changes_nothing(fleet, swtpm, evidence):
+    from zerotouch.protocol.errors import ProtocolError
+    dev = await _make(fleet, swtpm)
+    _trust(fleet, swtpm)
+    identity = tpm_mod.TpmIdentity(dev.device_dir, swtpm.tcti)
+    try:
+        real_ek, _ = identity.tpm_evidence()
+        ek, ak = evidence
+        identity.tpm_evidence = lambda: (real_ek if ek == "ek" else ek, ak)
+        core = _core(fleet, dev, identity)
+        core.receive_redirect(await fleet.rendezvous.find_owner(core.find_owner_request()))
+        with pytest.raises(ProtocolError) as exc:
+            await fleet.gateway.hello(core.hello_request())
+        assert 400 <= exc.value.status < 500 and exc.value.message
+    except MalformedMessage:
+        pass   # the device core itself refused to build such a hello
+    finally:
+        identity.close()
+    inv = await fleet.store.inventory.get(dev.serial)
+    assert inv.state.value == "expected" and inv.ldevid_serial is None
+    assert await fleet.vault.channel_secret(dev.serial) is None
+
+
+async def test_malformed_quote_fields_in_prove_are_refused_before_anything_is_issued(fleet, swtpm):
+    from zerotouch.protocol.errors import ProtocolError
+    dev = await _make(fleet, swtpm)
+    _trust(fleet, swtpm)
+    identity = tpm_mod.TpmIdentity(dev.device_dir, swtpm.tcti)
+    try:
+        real_quote = identity.tpm_quote
+        for bad in (lambda n, m: (b"\xff" * 40, b"\x00" * 10, b"\x00" * 256),   # junk attest
+                    lambda n, m: (*real_quote(n, m)[:2], b"\x00" * 64)):         # too few PCRs
+            identity.tpm_quote = bad
+            core = _core(fleet, dev, identity)
+            await _until_prove(fleet, core)
+            with pytest.raises(ProtocolError) as exc:
+                await fleet.gateway.prove(core.prove_request())
+            assert 400 <= exc.value.status < 500
+    finally:
+        identity.close()
+    assert await fleet.vault.channel_secret(dev.serial) is None
+    assert (await fleet.store.inventory.get(dev.serial)).ldevid_serial is None
