@@ -68,7 +68,10 @@ def add_box_parser(sub) -> None:
     bm.add_argument("--dir", required=True, type=Path, help="factory directory (CA, devices/, labels/)")
     bm.add_argument("--rendezvous-info", required=True, type=Path, help="the rendezvous' public.json")
     bm.add_argument("--count", required=True, type=int, help="devices in the box (≤ 10000)")
-    bm.add_argument("--identity", default="software", help="identity backend (software)")
+    bm.add_argument("--identity", default="software", choices=("software", "psk"),
+                    help="identity backend: software, or psk (the PSK profile: no key pair, the "
+                         "box's derived PSK; onboard with agent run --transport coap "
+                         "--coap-security oscore-psk)")
     bm.add_argument("--no-register", action="store_true", help="do not register at the rendezvous")
     bc = bs.add_parser("claim", help="claim every device of a box for an owner in one step")
     bc.add_argument("box_url", help="box label URL (https://<rendezvous>/.well-known/tte/box?...)")

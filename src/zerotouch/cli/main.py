@@ -112,7 +112,8 @@ def cmd_gateway(args) -> int:
                                  manufacturer_cas=args.manufacturer_ca, terminus_host=args.terminus_host,
                                  terminus_port=args.terminus_port, rendezvous_info=args.rendezvous_info,
                                  db=args.db, public_host=args.public_host,
-                                 bundle_settings={"est_operational": True} if args.operational_certs else None)
+                                 bundle_settings={"est_operational": True} if args.operational_certs else None,
+                                 terminus_psk_port=args.terminus_psk_port)
         print(f"gateway initialised in {args.dir}\n  url: {cfg['url']}\n"
               f"  owner key fingerprint: {cfg['owner_fingerprint']}\n"
               f"  CoAP EDHOC key fingerprint: {cfg['edhoc_fingerprint']}")
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rendezvous-info", type=Path, help="the rendezvous' public.json")
     m.add_argument("--count", type=int, default=1)
     m.add_argument("--name", default="zerotouch manufacturer", help="manufacturer name (new CA only)")
-    m.add_argument("--identity", default="software", choices=("software", "tpm"),
-                   help="identity backend: software (key files) or tpm (keys in the device's TPM)")
+    m.add_argument("--identity", default="software", choices=("software", "tpm", "psk"),
+                   help="identity backend: software (key files), tpm (keys in the device's TPM) "
+                        "or psk (no public-key crypto: a PSK and N_device, the PSK profile)")
     m.add_argument("--tcti", help="the device's TPM with --identity tpm, e.g. "
                    "swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0 (one device per TPM)")
     m.add_argument("--model", help="device type written into the IDevID (the owner's PCR policy "
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("--manufacturer-ca", action="append", required=True)
     gi.add_argument("--terminus-host", default="127.0.0.1")
     gi.add_argument("--terminus-port", type=int, default=8883)
+    gi.add_argument("--terminus-psk-port", type=int,
+                    help="the terminus' TLS-PSK listener for PSK-profile devices (no certificates)")
     gi.add_argument("--rendezvous-info", help="rendezvous public.json (to report devices as registered)")
     gi.add_argument("--db")
     gi.add_argument("--operational-certs", action="store_true",

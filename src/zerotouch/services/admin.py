@@ -139,6 +139,14 @@ async def gateway_inventory(directory: Path, as_json: bool) -> int:
     return 0
 
 
+def _psk_source(gw):
+    from .terminus import terminus_psk_keys
+    if not hasattr(gw.service.vault, "channel_secret"):
+        raise SystemExit("the TLS-PSK listener needs the vault in this process (a remote vault "
+                         "does not hand out channel secrets)")
+    return lambda: terminus_psk_keys(gw.store, gw.service.vault)
+
+
 async def terminus_serve(gateway_dir: Path, directory: Path | None, *,
                          crl_interval: float = 10.0) -> int:
     """Mosquitto for the gateway's devices, refusing revoked ones: every `crl_interval` seconds
@@ -161,7 +169,12 @@ async def terminus_serve(gateway_dir: Path, directory: Path | None, *,
             directory or Path(gateway_dir) / "terminus", ca=owner_ca(gateway_dir),
             host=cfg["terminus_host"], port=cfg["terminus_port"], source=crls.current_crl,
             interval=crl_interval, stop=stop,
-            on_ready=lambda term: print(f"terminus listening on {term.url}", flush=True))
+            # PSK-profile devices: TLS-PSK listener, keys from the channel secrets in the vault
+            psk_port=cfg.get("terminus_psk_port"),
+            psk_source=_psk_source(gw) if cfg.get("terminus_psk_port") else None,
+            on_ready=lambda term: print(f"terminus listening on {term.url}"
+                                        + (f" and TLS-PSK on port {term.files.psk_port}"
+                                           if term.files.psk_port else ""), flush=True))
     finally:
         await gw.close()
     return 0

@@ -90,8 +90,11 @@ async def build_rendezvous(directory: Path) -> RunningRendezvous:
     d = Path(directory)
     cfg = read_json(d / "config.json")
     store = await open_store(cfg["db"])
+    from .rendezvous_psk import RvPskKeys, load_at_rest_key
     service = RendezvousService(store.rendezvous, SoftwareSigner(load_private_key(d / "rendezvous.key")),
-                                RendezvousConfig(manufacturer_cas=_read_pems(cfg["manufacturer_cas"])))
+                                RendezvousConfig(manufacturer_cas=_read_pems(cfg["manufacturer_cas"])),
+                                # PSK devices: K_rv encrypted at rest (DIR/psk-at-rest.key)
+                                psk_keys=RvPskKeys(store.secrets, load_at_rest_key(d)))
     return RunningRendezvous(service, store, cfg, d)
 
 

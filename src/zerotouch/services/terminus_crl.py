@@ -164,22 +164,41 @@ async def run_terminus_with_crl(directory: Path, *, ca: CertificateAuthority, ho
                                 topic_root: str = "devices", restart_on_revocation: bool = True,
                                 on_ready: Callable[[Terminus], None] | None = None,
                                 stop: asyncio.Event | None = None,
-                                mosquitto: str | None = None) -> None:
+                                mosquitto: str | None = None, psk_port: int | None = None,
+                                psk_source=None) -> None:
     """Write the terminus config with `DIR/crl.pem` as crlfile, start Mosquitto, keep the CRL
-    current every `interval` seconds until `stop` is set."""
+    current every `interval` seconds until `stop` is set. With `psk_port` and `psk_source`
+    (async () -> {serial: key}) also a TLS-PSK listener whose psk_file follows the source."""
     crlfile = Path(directory).resolve() / "crl.pem"
     files = write_terminus_config(directory, ca=ca, host=host, port=port, topic_root=topic_root,
-                                  crlfile=crlfile)
+                                  crlfile=crlfile, psk_port=psk_port)
+    if psk_port is not None and psk_source is not None:
+        from .terminus import write_psk_file
+        write_psk_file(files, await psk_source())
+
+        async def follow_psks(terminus: Terminus) -> None:
+            while stop is None or not stop.is_set():
+                await asyncio.sleep(interval)
+                try:
+                    if write_psk_file(files, await psk_source()):
+                        terminus.reload()   # new PSK devices (and revoked ones gone) on reload
+                except Exception as exc:    # keep the keys in use; say why (never a key)
+                    log.warning("terminus PSK keys not refreshed: %s", type(exc).__name__)
     terminus = Terminus(files, mosquitto=mosquitto)
     watcher = CrlWatcher(crlfile, source, ca_cert=ca.cert, terminus=terminus,
                          restart_on_revocation=restart_on_revocation)
     await watcher.prime()
+    follower = None
     try:
         await terminus.start()
+        if psk_port is not None and psk_source is not None:
+            follower = asyncio.create_task(follow_psks(terminus))
         if on_ready is not None:
             on_ready(terminus)
         await watcher.run(interval, stop)
     finally:
+        if follower is not None:
+            follower.cancel()
         await terminus.stop()
 
 
