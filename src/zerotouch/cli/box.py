@@ -45,16 +45,27 @@ def cmd_box(args) -> int:
 def _add_psks(args, claim: dict) -> bool:
     """The claimed devices' PSKs into the gateway's psk.json (a running gateway follows it)."""
     from ..services import bulk
-    from ..transport.coap.security import PSK_FILE, PskFileError, add_device_psks
     claimed = [d["devid"] for d in claim.get("devices", []) if d.get("status") == 200]
     try:
-        n = add_device_psks(args.gateway_dir, bulk.box_psks(bulk.parse_box_label(args.box_url), claimed))
+        psks = bulk.box_psks(bulk.parse_box_label(args.box_url), claimed)
+    except ValueError as exc:
+        print(f"could not derive the box's PSKs: {type(exc).__name__}", file=sys.stderr)
+        return False
+    return add_psks_to_gateway(args.gateway_dir, psks, what="the box's PSKs")
+
+
+def add_psks_to_gateway(gateway_dir: Path, psks: dict, *, what: str = "the device's PSK") -> bool:
+    """Device PSKs into GATEWAY_DIR/psk.json (0600, atomic, under a lock); says how many, never
+    a key. Shared by `box claim` and `introducer claim --device-psk`."""
+    from ..transport.coap.security import PSK_FILE, PskFileError, add_device_psks
+    try:
+        n = add_device_psks(gateway_dir, psks)
     except (OSError, PskFileError, ValueError) as exc:
         # never the keys: the error names the file and the entry at most
-        print(f"could not add the box's PSKs to {args.gateway_dir / PSK_FILE}: "
+        print(f"could not add {what} to {gateway_dir / PSK_FILE}: "
               f"{exc if isinstance(exc, PskFileError) else (exc.strerror if isinstance(exc, OSError) else type(exc).__name__)}", file=sys.stderr)
         return False
-    print(f"{n} device PSK(s) added to {args.gateway_dir / PSK_FILE} (a running gateway uses "
+    print(f"{n} device PSK(s) added to {gateway_dir / PSK_FILE} (a running gateway uses "
           "them without a restart)", file=sys.stderr)
     return True
 

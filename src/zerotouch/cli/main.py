@@ -178,12 +178,20 @@ def cmd_introducer(args) -> int:
         return 2
     ca = args.rendezvous_ca.read_text() if args.rendezvous_ca else None
     try:
+        device_psk = None
+        if args.device_psk is not None:
+            from ..introducer.claim import read_device_psk
+            device_psk = read_device_psk(args.device_psk)
         result = asyncio.run(claim_device(args.label, owner, rendezvous_ca_pem=ca,
-                                          description=args.description))
-    except ProtocolError as exc:  # refused claims, unreadable photos
+                                          description=args.description, device_psk=device_psk))
+    except ProtocolError as exc:  # refused claims, unreadable photos, an unreadable PSK
         print(exc.message, file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
+    if device_psk is not None and args.gateway_dir:
+        from .box import add_psks_to_gateway
+        if not add_psks_to_gateway(args.gateway_dir, {result["devid"]: device_psk}):
+            return 1
     return 0
 
 
@@ -322,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cedhoc: SHA-256 of the gateway's CoAP EDHOC key (hex; from gateway init)")
     ic.add_argument("--rendezvous-ca", type=Path, help="PEM to verify the rendezvous TLS certificate")
     ic.add_argument("--description", default="")
+    ic.add_argument("--device-psk", metavar="FILE|HEX",
+                    help="a PSK-profile device: its PSK (the device's psk.secret file, or hex — "
+                         "a file keeps it off the command line); the claim sends only K_rv "
+                         "derived from it, and with --gateway-dir the PSK goes into the "
+                         "gateway's psk.json")
     ist = is_.add_parser("status", help="a label's status at its rendezvous")
     ist.add_argument("label", help="label URL or photo")
     ist.add_argument("--rendezvous-ca", type=Path)

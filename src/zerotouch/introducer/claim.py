@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..protocol.errors import ProtocolError
+from ..protocol.errors import MalformedMessage, ProtocolError
 from ..protocol.tte import TTE_PATH, parse_label
 from ..transport.http.client import client_ssl_context, post_json
 
@@ -57,13 +57,46 @@ async def label_status(label_url: str, *, rendezvous_ca_pem: str | None) -> dict
             return body
 
 
+def read_device_psk(value: str) -> bytes:
+    """A PSK-profile device's PSK for `introducer claim --device-psk`: the path of its
+    `psk.secret` (hex), or the hex itself. Errors never repeat what was given."""
+    text = str(value or "").strip()
+    raw = None
+    if len(text) in (32, 64, 96, 128) and all(c in "0123456789abcdefABCDEF" for c in text):
+        raw = bytes.fromhex(text)
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise MalformedMessage("--device-psk is neither a readable file nor a PSK in hex "
+                                   "(64 hex digits)")
+        try:
+            content = path.read_text().strip()
+            raw = bytes.fromhex(content)
+        except (OSError, UnicodeError, ValueError):
+            raise MalformedMessage(f"{path} does not hold a PSK in hex (like a device's "
+                                   "psk.secret)") from None
+    if not 16 <= len(raw) <= 64:
+        raise MalformedMessage("a device PSK is 16 to 64 bytes (32 for zerotouch devices)")
+    return raw
+
+
+def rendezvous_key_hex(device_psk: bytes, devid: str) -> str:
+    """K_rv for the claim's `cpsk`, derived here: the PSK itself never leaves the introducer."""
+    from ..protocol.psk import rendezvous_key
+    return rendezvous_key(device_psk, devid).hex()
+
+
 def _norm_fp(fp: str) -> str:
     return (fp or "").replace(":", "").strip().lower()
 
 
 async def claim_device(label_url: str, owner: Owner, *, rendezvous_ca_pem: str | None,
-                       description: str = "") -> dict:
+                       description: str = "", device_psk: bytes | None = None) -> dict:
     """Claim at the rendezvous (TTE POST), then tell the owner gateway (message 6, notice).
+
+    `device_psk`: for a PSK-profile device, its PSK; the claim carries only K_rv = HKDF(PSK,
+    "rendezvous-leg|devid") as `cpsk` (the rendezvous checks it against the manufacturer's
+    commitment), never the PSK.
 
     `label_url` may also be the path of a photo of the label. An OTP that was already used
     raises ClaimRefused with a warning that says whether the device is mapped to this same
@@ -73,7 +106,9 @@ async def claim_device(label_url: str, owner: Owner, *, rendezvous_ca_pem: str |
     status, body = await post_json(
         f"{label.rendezvous}{TTE_PATH}?otp={label.otp}&devid={label.devid}",
         json_body={"cip": owner.address, "cport": owner.port, "cfingerprint": owner.fingerprint,
-                   **({"cedhoc": owner.edhoc_fingerprint} if owner.edhoc_fingerprint else {})},
+                   **({"cedhoc": owner.edhoc_fingerprint} if owner.edhoc_fingerprint else {}),
+                   **({"cpsk": rendezvous_key_hex(device_psk, label.devid)}
+                      if device_psk is not None else {})},
         ca_pem=rendezvous_ca_pem)
     if status == 409:
         current = await label_status(label.url, rendezvous_ca_pem=rendezvous_ca_pem)
@@ -90,8 +125,11 @@ async def claim_device(label_url: str, owner: Owner, *, rendezvous_ca_pem: str |
             status=409, code="already_claimed")
     elif status != 200:
         msg = body.get("message") if isinstance(body, dict) else str(body)
+        if device_psk is not None and "cpsk" in str(msg):
+            msg = (f"{msg} — the PSK given with --device-psk is not this device's (nothing was "
+                   "claimed)")
         raise ClaimRefused(f"rendezvous refused the claim: {msg}", status=status)
-    result: dict = {"claim": body}
+    result: dict = {"devid": label.devid, "claim": body}
     if owner.gateway_url and owner.admin_token:
         gstatus, gbody = await post_json(
             f"{owner.gateway_url}/zt/v1/notice",

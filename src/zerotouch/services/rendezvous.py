@@ -218,8 +218,9 @@ class RendezvousService:
             # concurrent claim that loses the race below has written the same value.
             keys = self._psk()
             if k_rv is None:
-                raise MalformedMessage("this is a PSK device: the claim needs cpsk (its rendezvous "
-                                       "key; `box claim` derives it from the box)")
+                raise MalformedMessage("this is a PSK device: the claim needs cpsk, its rendezvous "
+                                       "key K_rv (64 hex digits, derived from the device's PSK: "
+                                       "`introducer claim --device-psk` or `box claim` derive it)")
             if not keys.matches(await keys.commit(serial), psk.psk_commitment(k_rv, serial)):
                 raise NotAuthorized("cpsk is not this device's rendezvous key (the manufacturer's "
                                     "commitment differs)")

@@ -54,6 +54,11 @@ fingerprint of its key.</p>
  aria-describedby="cedhoc-help"></label>
 <small id="cedhoc-help">For devices that onboard over CoAP with EDHOC: <code>gateway init</code>
 prints it. Leave it empty otherwise.</small>
+<label>Device rendezvous key K_rv (PSK devices only; 64 hex) <input name="cpsk" type="password"
+ autocomplete="off" autocapitalize="off" autocorrect="off" spellcheck="false"
+ pattern="[0-9A-Fa-f]{{64}}" aria-describedby="cpsk-help"></label>
+<small id="cpsk-help">For devices without public-key crypto (PSK profile): the key derived from the
+device's PSK for the rendezvous, never the PSK itself. Leave it empty otherwise.</small>
 <button type="submit">Claim</button></form>
 {photo}"""
 
