@@ -191,6 +191,7 @@ class RunningGateway:
     reporter: object = None
     remote_vault: object = None  # a RemoteVault build_gateway opened (and so closes)
     est: EstService | None = None
+    psk_file: object = None      # transport.coap.security.PskFile: DIR/psk.json, the core's copy
 
     async def close(self) -> None:
         if self.reporter is not None:
@@ -204,13 +205,13 @@ class RunningGateway:
         return (self.directory / "admin.token").read_text().strip()
 
 
-def _psk_lookup(directory: Path):
-    """PSK-profile devices' keys from `DIR/psk.json` (followed as it changes), or None."""
+def _psk_file(directory: Path):
+    """PSK-profile devices' keys: `DIR/psk.json` (a PskFile, followed as it changes), or None."""
     try:
         from ..transport.coap.security import PskFile
     except ImportError:   # no aiocoap: no CoAP, and so no PSK devices
         return None
-    return PskFile(directory).psk_for
+    return PskFile(directory)
 
 
 async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
@@ -239,11 +240,13 @@ async def build_gateway(directory: Path, *, vault=None) -> RunningGateway:
              if cfg.get("rendezvous_url") else None)
     from .attestation import TpmAttestation
     # TPM maker roots and PCR policies from the gateway dir (zerotouch tpm trust / policy install)
+    psk_file = _psk_file(d)
     service = GatewayService(store, vault, gcfg, notify_rendezvous=notifier, query_rendezvous=query,
-                             tpm=TpmAttestation.load(d), psk_lookup=_psk_lookup(d))
+                             tpm=TpmAttestation.load(d),
+                             psk_lookup=psk_file.psk_for if psk_file is not None else None)
     # EST on the same store and vault; config.json "est" holds its policy (docs/est.md).
     est = EstService(store, vault, EstPolicy.from_config(cfg.get("est")), manufacturer_cas=cas)
-    return RunningGateway(service, store, cfg, d, notifier, remote, est)
+    return RunningGateway(service, store, cfg, d, notifier, remote, est, psk_file)
 
 
 __all__ = ["init_rendezvous", "build_rendezvous", "init_gateway", "build_gateway", "owner_ca",

@@ -23,17 +23,21 @@ log = logging.getLogger("zerotouch.serve")
 
 @contextlib.asynccontextmanager
 async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None, enabled: bool = True,
-                         directory: Path | None = None, security: str = "none", rate_limit=None):
+                         directory: Path | None = None, security: str = "none", rate_limit=None,
+                         psk_file=None):
     """CoAP over UDP on the same port number as the HTTPS server (TCP), on the same service
     objects, for the lifetime of the block, protected per `security` (transport/coap/security.py;
     EDHOC's key is in `directory`). While it runs, SIGTERM stops the process cleanly
-    (the HTTPS site and the CoAP context are both shut down), like Ctrl-C."""
+    (the HTTPS site and the CoAP context are both shut down), like Ctrl-C. `psk_file`
+    (oscore-psk): the gateway core's PskFile, shared, and reloaded on SIGHUP by whoever passed
+    it; without it the server loads its own and this block reloads it on SIGHUP."""
     if not enabled:
         yield None
         return
     from ..transport.coap.security import start_role_coap_server
     server = await start_role_coap_server(directory, host, port, rendezvous=rendezvous, gateway=gateway,
-                                          security=security, rate_limit=rate_limit)
+                                          security=security, rate_limit=rate_limit,
+                                          psk_file=psk_file)
     log.info("CoAP (%s) listening on %s", security, server.url)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -41,24 +45,17 @@ async def coap_alongside(host: str, port: int, *, rendezvous=None, gateway=None,
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         handled = True
-    psk_file = getattr(server, "psk_file", None)
-    hup = False
-    if psk_file is not None:   # oscore-psk: psk.json is also re-read when it changes
-        def reload_psks():
-            psk_file.reload()
-            log.info("SIGHUP: re-read %s", psk_file.path)
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, reload_psks)
-            hup = True
+    # oscore-psk with its own copy of psk.json: SIGHUP re-reads it (it is also re-read when it
+    # changes); a shared copy is reloaded by the caller (serve_gateway)
+    own_psk_file = getattr(server, "psk_file", None) if psk_file is None else None
     try:
-        yield server
+        with psk_reload_on_sighup(own_psk_file):
+            yield server
     except asyncio.CancelledError:
         pass  # SIGTERM: a clean stop, not an error
     finally:
         if handled:
             loop.remove_signal_handler(signal.SIGTERM)
-        if hup:
-            loop.remove_signal_handler(signal.SIGHUP)
         await server.shutdown()
 
 
@@ -92,11 +89,37 @@ async def serve_gateway(directory: Path, *, port: int | None = None, on_ready=No
         ctx = est_server_ssl_context(d / "tls.pem", d / "tls.key",
                                      [await gw.est.owner_ca(), *gw.est.manufacturer_cas])
         host, port = gw.config["host"], port or gw.config["port"]
-        async with coap_alongside(host, port, gateway=gw.service, enabled=coap, directory=d,
-                                  security=coap_security, rate_limit=coap_rate):
-            await serve_forever(app, host, port, ctx, on_ready, reuse_port=reuse_port)
+        # one copy of psk.json for the core (hello/prove/done MACs) and OSCORE-PSK; SIGHUP
+        # re-reads it for both, with or without CoAP
+        with psk_reload_on_sighup(gw.psk_file):
+            async with coap_alongside(host, port, gateway=gw.service, enabled=coap, directory=d,
+                                      security=coap_security, rate_limit=coap_rate,
+                                      psk_file=gw.psk_file):
+                await serve_forever(app, host, port, ctx, on_ready, reuse_port=reuse_port)
     finally:
         await gw.close()
+
+
+@contextlib.contextmanager
+def psk_reload_on_sighup(psk_file):
+    """While the block runs, SIGHUP re-reads `psk_file` (DIR/psk.json) at once."""
+    if psk_file is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def reload_psks():
+        psk_file.reload()
+        log.info("SIGHUP: re-read %s", psk_file.path)
+    installed = False
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_psks)
+        installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 def vault_site(directory: Path, vault) -> tuple[object, object, dict]:

@@ -137,11 +137,12 @@ def parse_psk_json(data) -> tuple[dict[str, bytes], list[tuple[bytes, int, int]]
     return devices, boxes
 
 
-def load_psk_store(directory: Path):
+def load_psk_store(directory: Path, psk_file: PskFile | None = None):
     """The gateway's PSKs: `psk.json` with single devices and/or claimed boxes, followed as it
-    changes (`store.psk_file.reload()` forces a read)."""
+    changes (`store.psk_file.reload()` forces a read). `psk_file`: one already loaded (the
+    gateway core's), so the core and OSCORE share one copy."""
     from .oscore_psk import PskContextStore
-    psk_file = PskFile(directory)
+    psk_file = psk_file if psk_file is not None else PskFile(directory)
     store = PskContextStore(psk_file.psk_for, roles=("gateway",))
     store.psk_file = psk_file
     return store
@@ -182,8 +183,10 @@ def add_device_psks(directory: Path, psks: dict[str, bytes]) -> int:
 
 
 async def start_role_coap_server(directory: Path, host: str, port: int, *, rendezvous=None,
-                                 gateway=None, security: str = DEFAULT_MODE, rate_limit=None):
-    """CoAP/UDP for one role's directory in the given security mode."""
+                                 gateway=None, security: str = DEFAULT_MODE, rate_limit=None,
+                                 psk_file: PskFile | None = None):
+    """CoAP/UDP for one role's directory in the given security mode. `psk_file` (oscore-psk):
+    share this PskFile (the gateway core's) instead of loading another copy."""
     check_mode(security)
     if security == "edhoc":
         from .edhoc import AnyDeviceKey, EdhocIdentity
@@ -196,7 +199,7 @@ async def start_role_coap_server(directory: Path, host: str, port: int, *, rende
             raise ValueError("the rendezvous holds no device PSKs: serve it with --coap-security "
                              "none or edhoc")
         from .oscore_psk import start_oscore_psk_server
-        store = load_psk_store(directory)
+        store = load_psk_store(directory, psk_file)
         server = await start_oscore_psk_server(None, gateway, store=store, bind=(host, port),
                                                rate_limit=rate_limit)
         server.psk_file = store.psk_file   # `serve` reloads it on SIGHUP
