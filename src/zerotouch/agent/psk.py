@@ -11,6 +11,7 @@ for the run. A real PSK device does the same with its firmware's TLS-PSK stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from ..util.files import atomic_write, fsync_dir
 
 BUNDLE_FILE = "bundle.cose"
 SECRET_FILE = "channel.secret"
+# retries of a refused TLS-PSK connection (the terminus learns a new device's key from the vault)
+PSK_PUBLISH_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0)
 _PUBACK = re.compile(r"received PUBACK \(Mid: (\d+), RC:(\d+)\)")
 
 
@@ -37,6 +40,10 @@ def store_psk_credentials(device_dir: Path, *, bundle: bytes, channel_secret: by
 def device_terminus_psk(device_dir: Path, serial: str) -> bytes:
     secret = bytes.fromhex((Path(device_dir) / SECRET_FILE).read_text().strip())
     return terminus_psk(secret, serial)
+
+
+class _Refused(Exception):
+    pass
 
 
 def find_mosquitto_pub() -> str | None:
@@ -58,17 +65,42 @@ async def publish_telemetry_psk(*, host: str, port: int, identity: str, key: byt
         atomic_write(Path(tmp) / "mosquitto_pub",
                      f"--psk {key.hex()}\n--psk-identity {identity}\n".encode(), mode=0o600)
         env = {**os.environ, "XDG_CONFIG_HOME": tmp}
+        # line-buffered output (stdbuf), so a refused handshake is seen at once: in -l mode
+        # mosquitto_pub does not exit after one, it waits, and only a timeout would end it
+        stdbuf = shutil.which("stdbuf")
         proc = await asyncio.create_subprocess_exec(
+            *([stdbuf, "-oL"] if stdbuf else []),
             exe, "-h", host, "-p", str(port), "-t", topic, "-q", "1", "-V", "mqttv5", "-d", "-l",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env)
+        lines: list[str] = []
+
+        async def feed() -> None:
+            with contextlib.suppress(OSError):   # it may have exited already: its output says why
+                proc.stdin.write(b"".join(p + b"\n" for p in payloads))
+                await proc.stdin.drain()
+                proc.stdin.close()
+
+        async def read_out() -> None:
+            connected = False
+            while line := await proc.stdout.readline():
+                text = line.decode(errors="replace")
+                lines.append(text)
+                if "received CONNACK" in text:
+                    connected = True
+                elif not connected and ("OpenSSL Error" in text or text.startswith("Error")):
+                    raise _Refused(text.strip()[:200])
+
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(b"".join(p + b"\n" for p in payloads)), timeout)
-        except asyncio.TimeoutError:
+            _fed, _out, err, _rc = await asyncio.wait_for(
+                asyncio.gather(feed(), read_out(), proc.stderr.read(), proc.wait()), timeout)
+        except (asyncio.TimeoutError, _Refused) as exc:
             proc.kill()
             await proc.wait()
+            if isinstance(exc, _Refused):
+                raise OSError(f"the terminus refused the TLS-PSK connection: {exc}") from None
             raise OSError("mosquitto_pub timed out") from None
+    out = "".join(lines).encode()
     codes = {int(m): int(rc) for m, rc in _PUBACK.findall(out.decode(errors="replace"))}
     if proc.returncode != 0 and not codes:
         raise OSError(f"mosquitto_pub failed ({proc.returncode}): "

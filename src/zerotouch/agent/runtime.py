@@ -264,11 +264,22 @@ class Agent:
         from .telemetry import publish_telemetry, publish_telemetry_with_tpm_key, telemetry_payload
 
         if self._psk:   # TLS-PSK: identity = serial, key from the channel secret
-            from .psk import device_terminus_psk, publish_telemetry_psk
-            codes = await publish_telemetry_psk(
-                host=state.terminus_host, port=state.terminus_port, identity=self.serial,
-                key=device_terminus_psk(self.dir, self.serial), topic=f"{state.topic_prefix}/telemetry",
-                payloads=[telemetry_payload(self.serial, i, self.clock()) for i in range(count)])
+            from .psk import PSK_PUBLISH_DELAYS, device_terminus_psk, publish_telemetry_psk
+            # Right after onboarding the terminus may not know this device's key yet (it
+            # follows the vault: `terminus serve` every 10 s), so a refused handshake is
+            # retried with growing delays (~16 s in all) before it counts as a failure.
+            for delay in (*PSK_PUBLISH_DELAYS, None):
+                try:
+                    codes = await publish_telemetry_psk(
+                        host=state.terminus_host, port=state.terminus_port, identity=self.serial,
+                        key=device_terminus_psk(self.dir, self.serial),
+                        topic=f"{state.topic_prefix}/telemetry",
+                        payloads=[telemetry_payload(self.serial, i, self.clock()) for i in range(count)])
+                    break
+                except OSError:
+                    if delay is None:
+                        raise
+                    await self.sleep(delay)
             report.telemetry_sent = sum(1 for c in codes if c < 0x80)
             report.telemetry_refused = sum(1 for c in codes if c >= 0x80)
             return

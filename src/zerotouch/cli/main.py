@@ -371,12 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve", action="store_true", help="keep every role running afterwards")
     d.add_argument("--operational", action="store_true",
                    help="devices also enroll a 24 h operational certificate over EST and use it")
-    d.add_argument("--identity", choices=("software", "tpm"), default="software",
-                   help="tpm: every device gets its own software TPM (swtpm) holding its keys")
-    d.add_argument("--transport", choices=("http", "coap"), default="http",
-                   help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap)")
-    d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default="edhoc",
-                   help="with --transport coap: how CoAP is protected (default EDHOC+OSCORE)")
+    d.add_argument("--identity", choices=("software", "tpm", "psk"), default="software",
+                   help="tpm: every device gets its own software TPM (swtpm) holding its keys; "
+                        "psk: devices of the PSK profile (no public-key crypto), claimed with "
+                        "their cpsk, onboarding over CoAP with oscore-psk and publishing over "
+                        "the terminus' TLS-PSK listener")
+    d.add_argument("--transport", choices=("http", "coap"), default=None,
+                   help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap); "
+                        "default http, coap with --identity psk")
+    d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default=None,
+                   help="with --transport coap: how CoAP is protected (default EDHOC+OSCORE; "
+                        "oscore-psk with --identity psk)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -48,7 +48,8 @@ class DemoOptions:
     operational: bool = False
     transport: str = "http"
     coap_security: str = "edhoc"  # with transport coap: none | edhoc (transport/coap/security.py)
-    identity: str = "software"   # tpm: one swtpm per device (services/demo_tpm.py)
+    identity: str = "software"   # tpm: one swtpm per device (services/demo_tpm.py); psk: the
+                                 # PSK profile (CoAP with oscore-psk, TLS-PSK at the terminus)
 
 
 @dataclass
@@ -150,8 +151,14 @@ class Processes:
 async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
     if opts.transport not in DEVICE_TRANSPORTS:
         raise ValueError(f"unknown transport {opts.transport!r}")
-    if opts.transport == "coap" and opts.coap_security not in ("none", "edhoc"):
-        raise ValueError("the demo's devices have no PSKs: --coap-security none or edhoc")
+    psk = opts.identity == "psk"
+    if psk and (opts.transport != "coap" or opts.coap_security != "oscore-psk"):
+        raise ValueError("PSK devices onboard over CoAP with oscore-psk (--transport coap "
+                         "--coap-security oscore-psk, the defaults with --identity psk)")
+    if psk and opts.operational:
+        raise ValueError("PSK devices have no certificates: no --operational")
+    if not psk and opts.transport == "coap" and opts.coap_security not in ("none", "edhoc"):
+        raise ValueError("only PSK devices (--identity psk) have PSKs: --coap-security none or edhoc")
     coap = opts.transport == "coap"
     temp = opts.state_dir is None
     root = Path(opts.state_dir or tempfile.mkdtemp(prefix="zerotouch-demo-")).resolve()
@@ -169,9 +176,11 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         rv_db = gw_db = opts.db
     procs = Processes(root / "logs")
     terminus = observer = balancer = None
+    psk_follower = None
     started = time.monotonic()
     try:
         rv_port, gw_port, term_port = free_port(), free_port(), free_port()
+        term_psk_port = free_port() if psk else None
         replica_ports = [free_port() for _ in range(max(1, opts.gateways))]
         factory = Manufacturer(root / "factory", name="Acme Devices")
         ca_file = str(root / "factory" / "manufacturer-ca.pem")
@@ -179,18 +188,24 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         gw_cfg = init_gateway(root / "gateway", host=HOST, port=gw_port, manufacturer_cas=[ca_file],
                               terminus_host=HOST, terminus_port=term_port,
                               rendezvous_info=str(root / "rendezvous" / "public.json"), db=gw_db,
-                              bundle_settings={"est_operational": True} if opts.operational else None)
+                              bundle_settings={"est_operational": True} if opts.operational else None,
+                              terminus_psk_port=term_psk_port)
 
         console.print(f"[bold]state[/bold] {root}")
         terminus_desc = "none"
         if find_mosquitto():
             files = write_terminus_config(root / "terminus", ca=owner_ca(root / "gateway"), host=HOST,
-                                          port=term_port)
+                                          port=term_port, psk_port=term_psk_port)
             terminus = Terminus(files)
             await terminus.start()
             observer = TelemetryObserver.for_terminus(files)
             await observer.start()
             terminus_desc = terminus.url
+            if psk:   # the TLS-PSK listener follows the vault, as `terminus serve` does
+                from .demo_psk import PskTerminusFollower
+                psk_follower = PskTerminusFollower(root / "gateway", files, terminus)
+                await psk_follower.start()
+                terminus_desc += f" + TLS-PSK port {term_psk_port}"
         else:
             console.print("[yellow]Mosquitto is not installed (apt-get install mosquitto): devices "
                           "onboard but no terminus runs, so no telemetry is measured.[/yellow]")
@@ -210,7 +225,10 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         # Every simulated device sends from 127.0.0.1, so the per-source CoAP rate limits are off here.
         coap_flag = (["--coap", "--coap-security", opts.coap_security, "--coap-rate", "0",
                       "--coap-handshake-rate", "0"] if coap else [])
-        await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"), *coap_flag)
+        # PSK devices: the rendezvous leg is plain CoAP (the MACs protect it end to end)
+        rv_flag = (["--coap", "--coap-security", "none", "--coap-rate", "0",
+                    "--coap-handshake-rate", "0"] if psk else coap_flag)
+        await procs.start("rendezvous", "rendezvous", "serve", "--dir", str(root / "rendezvous"), *rv_flag)
         for i, port in enumerate(replica_ports):
             await procs.start(f"gateway-{i + 1}", "gateway", "serve", "--dir", str(root / "gateway"),
                               "--port", str(port), *coap_flag)
@@ -227,6 +245,9 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
         if tpms:
             made = [factory.make_device(root / "factory", info, identity="tpm", tcti=t.tcti,
                                         model=model) for t in tpms.tpms]
+        elif psk:   # no key pair, no IDevID: N_device and a 32-byte PSK each
+            made = [factory.make_device(root / "factory", info, identity="psk")
+                    for _ in range(opts.devices)]
         else:
             made = [factory.make_device(root / "factory", info) for _ in range(opts.devices)]
         regs = await register_devices(info, [d.registration for d in made])
@@ -252,9 +273,14 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                 claim_counts[n] += 1
                 who = dataclasses.replace(owner, port=replica_ports[n])
             async with sem:
+                # a PSK device: the introducer has its PSK and sends only K_rv (cpsk)
                 await claim_device(dev.label.url, who, rendezvous_ca_pem=info.tls_ca_pem,
-                                   description=f"demo device {dev.serial}")
+                                   description=f"demo device {dev.serial}",
+                                   device_psk=_device_psk(dev.device_dir) if psk else None)
         await asyncio.gather(*(introduce(i, d) for i, d in enumerate(made)))
+        if psk:   # what `introducer claim --device-psk --gateway-dir` does: the owner gets the PSKs
+            from ..transport.coap.security import add_device_psks
+            add_device_psks(root / "gateway", {d.serial: _device_psk(d.device_dir) for d in made})
         console.print(f"claimed {len(made)} devices for owner {gw_cfg['owner_fingerprint'][:16]}…")
 
         # Power on.
@@ -338,6 +364,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
             atomic_write_json(root / "endpoints.json", endpoints)
         return result
     finally:
+        if psk_follower is not None and not opts.serve:
+            await psk_follower.stop()
         if not opts.serve:
             await _shutdown(procs, balancer, observer, terminus)
             while _TPM_FLEETS:
@@ -348,9 +376,17 @@ async def run_demo(opts: DemoOptions, console: Console) -> DemoResult:
                 shutil.rmtree(root, ignore_errors=True)
         else:
             _SERVING.extend([procs, balancer, observer, terminus])
+            if psk_follower is not None:
+                _PSK_FOLLOWERS.append(psk_follower)
 
 
 _SERVING: list = []
+_PSK_FOLLOWERS: list = []   # demo --serve --identity psk: stopped with the rest
+
+
+def _device_psk(device_dir: Path) -> bytes:
+    from ..transport.coap.security import DEVICE_PSK_FILE
+    return bytes.fromhex((Path(device_dir) / DEVICE_PSK_FILE).read_text().strip())
 _TPM_FLEETS: list = []   # swtpm processes to stop with the demo
 
 
@@ -419,14 +455,25 @@ def print_summary(result: DemoResult, console: Console) -> None:
 
 
 def run_demo_cli(args) -> int:
+    identity = getattr(args, "identity", "software")
+    psk = identity == "psk"
+    # --identity psk: CoAP with oscore-psk unless told otherwise (and then refused)
+    transport = getattr(args, "transport", None) or ("coap" if psk else "http")
+    coap_security = getattr(args, "coap_security", None) or ("oscore-psk" if psk else "edhoc")
     opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
                        json=args.json, serve=args.serve, operational=args.operational,
-                       transport=getattr(args, "transport", "http"),
-                       coap_security=getattr(args, "coap_security", "edhoc"),
-                       identity=getattr(args, "identity", "software"))
+                       transport=transport, coap_security=coap_security, identity=identity)
     if opts.devices < 1:
         print("--devices must be at least 1", file=sys.stderr)
+        return 2
+    if psk and (transport != "coap" or coap_security != "oscore-psk" or opts.operational):
+        print("--identity psk: the devices onboard over CoAP with oscore-psk and have no "
+              "certificates (no --transport http, other --coap-security or --operational)",
+              file=sys.stderr)
+        return 2
+    if not psk and coap_security == "oscore-psk":
+        print("--coap-security oscore-psk needs devices with PSKs: --identity psk", file=sys.stderr)
         return 2
     if opts.serve and opts.state_dir is None:
         opts.state_dir = Path("demo-state")
@@ -444,6 +491,8 @@ def run_demo_cli(args) -> int:
                 await asyncio.Event().wait()
             finally:
                 procs, balancer, observer, terminus = _SERVING
+                while _PSK_FOLLOWERS:
+                    await _PSK_FOLLOWERS.pop().stop()
                 await _shutdown(procs, balancer, observer, terminus)
         return 0 if result.failed == 0 else 1
 

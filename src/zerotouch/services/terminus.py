@@ -162,17 +162,29 @@ def write_psk_file(files: TerminusFiles, keys: dict[str, bytes]) -> bool:
     return True
 
 
-async def terminus_psk_keys(store, vault) -> dict[str, bytes]:
+async def terminus_psk_keys(store, vault, cache: dict | None = None) -> dict[str, bytes]:
     """The TLS-PSK key of every onboarded, not revoked PSK-profile device (inventory marks
-    them with ldevid_serial "psk"), derived from its channel secret in the vault."""
+    them with ldevid_serial "psk"), derived from its channel secret in the vault. `cache`
+    ({serial: (onboarded_at, key)}, kept by the caller between calls) spares the vault a read
+    for devices whose onboarding has not changed since."""
     from ..protocol.psk import terminus_psk
     from ..protocol.states import InventoryState
     out = {}
     for rec in await store.inventory.list(limit=1_000_000):
         if rec.ldevid_serial == "psk" and rec.state is InventoryState.ONBOARDED:
+            stamp = getattr(rec, "onboarded_at", None)
+            hit = cache.get(rec.serial) if cache is not None and stamp is not None else None
+            if hit is not None and hit[0] == stamp:
+                out[rec.serial] = hit[1]
+                continue
             secret = await vault.channel_secret(rec.serial)
             if secret:
                 out[rec.serial] = terminus_psk(secret, rec.serial)
+                if cache is not None and stamp is not None:
+                    cache[rec.serial] = (stamp, out[rec.serial])
+    if cache is not None:
+        for serial in set(cache) - set(out):   # revoked or gone: forget the key
+            del cache[serial]
     return out
 
 
