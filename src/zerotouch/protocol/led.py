@@ -247,8 +247,10 @@ def _thresholds(v: list[float], half_window: int) -> list[float]:
 
 # Receiver: envelope (offset/gain) fit -> per-block bit-phase search, unwrapped and fitted by a line
 # (bit clock phase and camera/LED rate) -> forward-backward over the LED levels with each sample's
-# exposure window straddling bits as the model -> per-bit LLRs folded over every repetition ->
-# the two best checksum-valid frames (DP over the checksum residue) -> accept on a margin.
+# exposure window straddling bits as the model -> the timing line and exposure refined over the
+# whole recording against those levels -> forward-backward again -> per-bit LLRs folded over every
+# repetition -> the two best checksum-valid frames (DP over the checksum residue) -> accept on a
+# margin.
 KNOT = 15                 # envelope (offset and gain) knots, in samples (0.5 s at 30 fps)
 SEGMENT = 80              # timing-recovery block, in samples
 PHASES = 16               # bit-phase grid per block
@@ -259,6 +261,7 @@ SIGMA_FLOOR = 0.03        # noise floor (fraction of the swing) in the soft deci
 LLR_CLIP = 8.0            # per-bit evidence cap in the sync search
 MARGIN = 12.0             # nats the best checksum-valid frame must beat any other frame by
 MAX_COST = 16.0           # nats of evidence the best frame may overrule
+REFINE_EXPOSURES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 REPEAT_AGAINST = 32.0     # nats of evidence against the frame one repetition may hold
 
 
@@ -378,6 +381,39 @@ def _pair_res(v, a, b, flo, fhi):
     return _off_range(v, 1 - fhi, 1 - flo) ** 2
 
 
+def _block_rss(zz: list[float], xs: list[float], h: float) -> float:
+    """_rss(zz, _assign(xs, h)) without the tolerance, in one pass (the timing search's inner loop)."""
+    inv = 1.0 / (2 * h)
+    floor = math.floor
+    sums: dict[int, float] = {}
+    cnts: dict[int, int] = {}
+    clean, mixed = [], []
+    for v, x in zip(zz, xs):
+        b = floor(x + h)
+        if b > x - h:
+            f = (x + h - b) * inv
+            mixed.append((v, b - 1, 0.0 if f < 0 else (1.0 if f > 1 else f)))
+        else:
+            k = floor(x)
+            clean.append((v, k))
+            sums[k] = sums.get(k, 0.0) + v
+            cnts[k] = cnts.get(k, 0) + 1
+    lv = {k: 1 if sums[k] > 0.5 * cnts[k] else 0 for k in sums}
+    tot = 0.0
+    for v, k in clean:
+        d = v - lv[k]
+        tot += d * d
+    for v, k, f in mixed:
+        a, b = lv.get(k), lv.get(k + 1)
+        if a is not None and b is not None:
+            d = v - (a + f * (b - a))
+            tot += d * d
+        else:
+            tot += min((v - (a0 + f * (b0 - a0))) ** 2 for a0 in ((a,) if a is not None else (0, 1))
+                       for b0 in ((b,) if b is not None else (0, 1)))
+    return tot
+
+
 def _timing(z: list[float], spb: float) -> tuple[list[float], float]:
     """Bit position of every sample: x_i = x0 + step * i, from per-block phase estimates (the
     blocks' phases, unwrapped and fitted by a line, track the clock mismatch) and the exposure."""
@@ -391,10 +427,10 @@ def _timing(z: list[float], spb: float) -> tuple[list[float], float]:
     for i0, i1 in blocks:
         c = (i0 + i1 - 1) / 2
         zz = z[i0:i1]
+        offs = [(i - c) * step0 for i in range(i0, i1)]
         per_h = {}
         for h in hs:
-            per_h[h] = [_rss(zz, _assign([p / PHASES + (i - c) * step0 for i in range(i0, i1)], h))
-                        for p in range(PHASES)]
+            per_h[h] = [_block_rss(zz, [p / PHASES + o for o in offs], h) for p in range(PHASES)]
         curves.append((c, per_h))
     h = min(hs, key=lambda hh: sum(min(pc[hh]) for _c, pc in curves))
     pts = []
@@ -433,6 +469,81 @@ def _timing(z: list[float], spb: float) -> tuple[list[float], float]:
             break
         use.remove(worst[1])
     return [x0 + step * i for i in range(n)], h
+
+
+def _refine(z, xs, h, lv, kmin, sigma, spb):
+    """Refine the bit timing over the whole recording, given the LED levels decided so far: every
+    sample near an edge bounds its own position (a sample whose window lies before the edge shows
+    the old level, one that straddles it shows the mix in proportion), so a timing line
+    x_i = x0 + step * i and an exposure h must satisfy one interval per sample. For each candidate
+    (clock ratio, exposure) the offset minimising the total violation is found exactly (a median of
+    the interval ends); the candidate with the least violation, then the widest feasible range of
+    offsets, wins, and the offset is taken from the centre of that range."""
+    n = len(z)
+    step0 = 1.0 / spb
+    x0, step = xs[0], xs[1] - xs[0]
+    ic = (n - 1) / 2
+    tau = min(0.45, 2.5 * sigma)
+    nb = len(lv)
+    cons = []
+    for i in range(n):
+        x = x0 + step * i
+        kb = round(x)
+        for k in (kb - 1, kb, kb + 1):
+            d = x - k
+            if abs(d) >= 0.75:
+                continue
+            j = k - kmin
+            if j < 1 or j >= nb or lv[j - 1] == lv[j]:
+                continue
+            u = z[i] if lv[j] else 1 - z[i]
+            cons.append((i - ic, d, u - tau, u + tau))
+    # lower bounds on the offset correction c: A * h - d - ds * t (A = 2 * ulo - 1), upper bounds
+    # likewise from uhi; a sample inside a bit bounds one side only
+    lo_c = [(2 * min(ulo, 1.0) - 1, d, t) for t, d, ulo, _uhi in cons if ulo > 0]
+    hi_c = [(2 * max(uhi, 0.0) - 1, d, t) for t, d, _ulo, uhi in cons if uhi < 1]
+    if len(lo_c) < 4 or len(hi_c) < 4:
+        return xs, h
+    lo_t = [t for _a, _d, t in lo_c]
+    hi_t = [t for _a, _d, t in hi_c]
+    nlo = len(lo_c)
+    bases = {}
+
+    def score(ds, e):
+        if e not in bases:
+            hh = e * step0 / 2
+            bases[e] = ([a * hh - d for a, d, _t in lo_c], [a * hh - d for a, d, _t in hi_c])
+        blo, bhi = bases[e]
+        lo = [b - ds * t for b, t in zip(blo, lo_t)]
+        hi = [b - ds * t for b, t in zip(bhi, hi_t)]
+        lo.sort()
+        hi.sort()
+        m = sorted(lo + hi)
+        c = (m[nlo - 1] + m[nlo]) / 2
+        j = bisect.bisect_right(lo, c)
+        jh = bisect.bisect_left(hi, c)
+        cost = sum(lo[j:]) - c * (nlo - j) + c * jh - sum(hi[:jh])
+        return cost - (m[nlo] - m[nlo - 1]), c
+
+    best = None
+    for e in REFINE_EXPOSURES:
+        for r in range(-15, 16, 3):
+            sc, c = score(r * 1e-4 * step0, e)
+            if best is None or sc < best[0]:
+                best = (sc, c, r * 1e-4, e)
+    r0, e0 = best[2], best[3]
+    for e in REFINE_EXPOSURES:
+        if abs(e - e0) > 0.11:
+            continue
+        for r in range(-6, 7):
+            rr = r0 + r * 5e-5
+            sc, c = score(rr * step0, e)
+            if sc < best[0]:
+                best = (sc, c, rr, e)
+    _sc, c, rr, e = best
+    ds, hh = rr * step0, e * step0 / 2
+    x0n = x0 + c - ds * ic
+    return [x0n + (step + ds) * i for i in range(n)], hh
 
 
 def _lse(a, b):
@@ -544,11 +655,19 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
        straddles two bits modelled as their mix); the block phases, unwrapped, are fitted by a
        line, whose slope is the camera/LED clock ratio (drift up to MAX_RATE_ERROR is tracked).
     3. Forward-backward over the LED levels (2 states) with that timing gives each NRZI bit a
-       log-likelihood ratio; steps 1-3 run three times, each on the previous decisions.
-    4. The sync word (16 preamble 1s, the start constant) is found in the LLRs folded modulo
+       log-likelihood ratio and the LED levels.
+    4. The timing is refined over the whole recording against those levels (`_refine`): each
+       sample near an edge bounds where it may lie (before the edge, across it in proportion to
+       its brightness, or after it); the clock ratio and the exposure are chosen on a grid
+       around the line fit, the offset exactly, so that the samples violate their bounds the least
+       and the margin left is the widest. A short exposure leaves the block phases ill-defined
+       (any phase within half a bit fits a block), so the block line may miss the drift; the
+       bounds of all the samples together do not. Then step 1, this refinement and step 3 run
+       again on the new decisions, and steps 1 and 3 once more.
+    5. The sync word (16 preamble 1s, the start constant) is found in the LLRs folded modulo
        UNIT_BITS; every repetition of each frame bit in the recording is summed (bits before the
        first preamble are used only when they agree: they may be the idle LED before power-on).
-    5. The two most likely frames whose checksum verifies are found exactly (dynamic programming
+    6. The two most likely frames whose checksum verifies are found exactly (dynamic programming
        over the checksum residue). The best is returned only when it overrules at most MAX_COST
        nats of evidence and beats the runner-up by MARGIN nats: an 8-bit checksum alone passes
        1 corrupted frame in 256.
@@ -573,8 +692,11 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
         floor = 0.2 * max(abs(s) for s in sw)
         sw = [max(s, floor) for s in sw]
         z = [(v - o) / s for v, o, s in zip(y, off, sw)]
-        if npass < 2:
+        if npass == 0:
             xs, h = _timing(z, spb)
+        if npass < 2:
+            if npass:
+                xs, h = _refine(z, xs, h, lv, kmin, sigma, spb)
             asg = _assign(xs, h, TIMING_TOLERANCE)
             kmin0 = min(a[0] for a in asg)
             lv0 = _levels_from(z, asg)
