@@ -269,3 +269,43 @@ async def test_claim_with_the_gateway_edhoc_fingerprint(servers, phone):
     redirect = core.receive_redirect(await s.fleet.rendezvous.find_owner(core.find_owner_request()))
     assert redirect.gateway_edhoc_fp == fp
     assert page.dialogs == []
+
+
+async def test_psk_device_claimed_with_its_rendezvous_key_never_shown_again(servers, phone):
+    """A PSK-profile device: the page's optional K_rv field (a password field) carries cpsk;
+    a wrong key gets a page saying so (nothing stored), the right one claims; neither is shown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "psk"))
+    from psk_support import PskFleet
+    from zerotouch.identity.psk import PskIdentity
+    from zerotouch.protocol.psk import rendezvous_key
+    s, page = servers, phone
+    pskf = PskFleet(s.fleet)
+    dev = await pskf.make(claim=False, inventory=False, gateway_psk=False)
+    k_rv = rendezvous_key(PskIdentity(dev.device_dir).psk(), dev.serial).hex()
+    wrong = "5a" * 32
+    await page.goto(dev.label.url.replace("https://127.0.0.1:8443", s.rv_url))
+    field = page.locator("input[name=cpsk]")
+    assert await field.get_attribute("type") == "password"
+    assert await field.get_attribute("autocomplete") == "off"
+    await assert_tappable(page)
+    await fill_claim(page, s)
+    await page.fill("input[name=cpsk]", wrong)
+    await shot(page, "10-psk-device-key-filled")
+    async with page.expect_navigation() as nav:
+        await page.tap("form[method=post]:not([enctype]) button[type=submit]")
+    assert (await nav.value).status == 403
+    assert await page.inner_text("h1") == "Not claimed"
+    assert "cpsk is not this device's rendezvous key" in await page.inner_text("#message")
+    assert wrong not in await page.content()
+    assert (await s.store.rendezvous.get(dev.serial)).status == RendezvousStatus.NOT_MAPPED
+    await shot(page, "11-psk-device-wrong-key")
+
+    await page.goto(dev.label.url.replace("https://127.0.0.1:8443", s.rv_url))
+    await fill_claim(page, s)
+    await page.fill("input[name=cpsk]", k_rv)
+    async with page.expect_navigation():
+        await page.tap("form[method=post]:not([enctype]) button[type=submit]")
+    assert await page.inner_text("h1") == "Device claimed"
+    assert k_rv not in (await page.content()).lower()
+    assert (await s.store.rendezvous.get(dev.serial)).status == RendezvousStatus.MAPPED
+    assert await s.fleet.rendezvous.psk_keys.key(dev.serial) == bytes.fromhex(k_rv)

@@ -95,7 +95,8 @@ async def publish_telemetry_psk(*, host: str, port: int, identity: str, key: byt
             _fed, _out, err, _rc = await asyncio.wait_for(
                 asyncio.gather(feed(), read_out(), proc.stderr.read(), proc.wait()), timeout)
         except (asyncio.TimeoutError, _Refused) as exc:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):   # it may have exited on its own
+                proc.kill()
             await proc.wait()
             if isinstance(exc, _Refused):
                 raise OSError(f"the terminus refused the TLS-PSK connection: {exc}") from None

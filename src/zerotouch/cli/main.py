@@ -211,6 +211,11 @@ def cmd_demo(args) -> int:
     return run_demo_cli(args)
 
 
+class DemoDefault(str):
+    """A demo option's default value, told apart from the same value given explicitly
+    (`demo --identity psk` picks CoAP with oscore-psk unless told otherwise, and then refuses)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerotouch", description="Zero-touch device onboarding")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -376,10 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "psk: devices of the PSK profile (no public-key crypto), claimed with "
                         "their cpsk, onboarding over CoAP with oscore-psk and publishing over "
                         "the terminus' TLS-PSK listener")
-    d.add_argument("--transport", choices=("http", "coap"), default=None,
+    d.add_argument("--transport", choices=("http", "coap"), default=DemoDefault("http"),
                    help="devices onboard over HTTPS or CoAP/UDP (servers run with --coap); "
                         "default http, coap with --identity psk")
-    d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default=None,
+    d.add_argument("--coap-security", choices=("none", "edhoc", "oscore-psk"), default=DemoDefault("edhoc"),
                    help="with --transport coap: how CoAP is protected (default EDHOC+OSCORE; "
                         "oscore-psk with --identity psk)")
     d.set_defaults(func=cmd_demo)

@@ -458,8 +458,14 @@ def run_demo_cli(args) -> int:
     identity = getattr(args, "identity", "software")
     psk = identity == "psk"
     # --identity psk: CoAP with oscore-psk unless told otherwise (and then refused)
-    transport = getattr(args, "transport", None) or ("coap" if psk else "http")
-    coap_security = getattr(args, "coap_security", None) or ("oscore-psk" if psk else "edhoc")
+    from ..cli.main import DemoDefault
+    transport = getattr(args, "transport", None) or "http"
+    coap_security = getattr(args, "coap_security", None) or "edhoc"
+    if psk and isinstance(transport, DemoDefault):
+        transport = "coap"
+    if psk and isinstance(coap_security, DemoDefault):
+        coap_security = "oscore-psk"
+    transport, coap_security = str(transport), str(coap_security)
     opts = DemoOptions(devices=args.devices, db=args.db, state_dir=args.state_dir,
                        concurrency=args.concurrency, telemetry=args.telemetry, gateways=args.gateways,
                        json=args.json, serve=args.serve, operational=args.operational,
