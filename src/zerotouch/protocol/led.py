@@ -262,6 +262,8 @@ LLR_CLIP = 8.0            # per-bit evidence cap in the sync search
 MARGIN = 12.0             # nats the best checksum-valid frame must beat any other frame by
 MAX_COST = 16.0           # nats of evidence the best frame may overrule
 REFINE_EXPOSURES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+REFINE_TAU = 2.5          # x sigma: brightness slack of a sample's bounds in the timing refinement
+REFINE_SLACK = 4.0        # x sigma^2: squared error the refined timing may add to the line fit's
 REPEAT_AGAINST = 32.0     # nats of evidence against the frame one repetition may hold
 
 
@@ -483,7 +485,7 @@ def _refine(z, xs, h, lv, kmin, sigma, spb):
     step0 = 1.0 / spb
     x0, step = xs[0], xs[1] - xs[0]
     ic = (n - 1) / 2
-    tau = min(0.45, 2.5 * sigma)
+    tau = min(0.45, REFINE_TAU * sigma)
     nb = len(lv)
     cons = []
     for i in range(n):
@@ -662,8 +664,10 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
        around the line fit, the offset exactly, so that the samples violate their bounds the least
        and the margin left is the widest. A short exposure leaves the block phases ill-defined
        (any phase within half a bit fits a block), so the block line may miss the drift; the
-       bounds of all the samples together do not. Then step 1, this refinement and step 3 run
-       again on the new decisions, and steps 1 and 3 once more.
+       bounds of all the samples together do not. The refined timing is kept unless the least
+       squares fit of the whole recording clearly prefers the line fit (a noisy picture loosens
+       the bounds). Steps 1-3 run first, then step 1, this refinement and step 3, then steps 1
+       and 3 once more, each on the previous decisions.
     5. The sync word (16 preamble 1s, the start constant) is found in the LLRs folded modulo
        UNIT_BITS; every repetition of each frame bit in the recording is summed (bits before the
        first preamble are used only when they agree: they may be the idle LED before power-on).
@@ -696,7 +700,11 @@ def decode_led(samples: list[float], fps: float = FPS, bit_rate: float = BIT_RAT
             xs, h = _timing(z, spb)
         if npass < 2:
             if npass:
-                xs, h = _refine(z, xs, h, lv, kmin, sigma, spb)
+                # keep the refined timing unless the least-squares fit of the whole recording
+                # clearly prefers the line fit (noisy pictures loosen the refinement's bounds)
+                xr, hr = _refine(z, xs, h, lv, kmin, sigma, spb)
+                if _block_rss(z, xr, hr) <= _block_rss(z, xs, h) + REFINE_SLACK * sigma * sigma:
+                    xs, h = xr, hr
             asg = _assign(xs, h, TIMING_TOLERANCE)
             kmin0 = min(a[0] for a in asg)
             lv0 = _levels_from(z, asg)
