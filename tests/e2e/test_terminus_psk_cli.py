@@ -7,7 +7,6 @@ import asyncio
 import json
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,29 +17,11 @@ from zerotouch.util.net import free_port
 from support import need
 
 pytest.importorskip("aiocoap.oscore_sitewrapper")
-CLI = [sys.executable, "-m", "zerotouch.cli"]
+from cli_support import serve, zt as _zt
 
 
 def zt(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"zerotouch {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    return proc
-
-
-def serve(*args: str, cwd: Path, ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if ready in line:
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError(f"{args} exited: {proc.stdout.read()[-1500:]}")
-    proc.kill()
-    raise AssertionError(f"{args} did not become ready")
+    return _zt(*args, cwd=cwd, timeout=timeout)
 
 
 def _psk_identities(psk_file: Path) -> set[str]:

@@ -3,37 +3,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from zerotouch.util.net import free_port
 
-CLI = [sys.executable, "-m", "zerotouch.cli"]
+from cli_support import serve, zt
 
 
-def zt(*args: str, cwd: Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"zerotouch {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
-    return proc
-
-
-def serve(*args: str, cwd: Path, ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if ready in line:
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError(f"{args} exited: {proc.stdout.read()[-1500:]}")
-    proc.kill()
-    raise AssertionError(f"{args} did not become ready")
 
 
 def test_each_role_as_its_own_process(tmp_path, mosquitto):

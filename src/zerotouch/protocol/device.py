@@ -38,6 +38,19 @@ class OnboardingResult:
     channel_secret: bytes
 
 
+def check_redirect(redirect: Redirect, *, serial: str, nonce: bytes, now: float) -> None:
+    """What a device checks in an authenticated redirect, however it was authenticated
+    (rendezvous signature, or a PSK device's MAC)."""
+    if redirect.nonce != nonce:
+        raise StaleMessage("redirect does not answer this request (nonce differs): a replay")
+    if redirect.serial != serial:
+        raise NotAuthorized("redirect is for another device")
+    if redirect.expires + CLOCK_SKEW < now:
+        raise StaleMessage("redirect has expired")
+    if not redirect.gateway_url.startswith(("https://", "coaps://", "coap://")):
+        raise MalformedMessage("redirect names an unsupported gateway URL")
+
+
 class DeviceOnboarding:
     def __init__(self, *, serial: str, urn: str, rendezvous_key, n_device: bytes,
                  identity: DeviceIdentity, clock: Callable[[], float],
@@ -92,14 +105,7 @@ class DeviceOnboarding:
             raise MalformedMessage("no redirect was asked for")
         signed = cose.parse_sign1(data, max_size=MAX_MESSAGE)
         redirect = Redirect.decode(signed.verify(self._rv_key))  # only the pinned key
-        if redirect.nonce != self._nonce:
-            raise StaleMessage("redirect does not answer this request (nonce differs): a replay")
-        if redirect.serial != self.serial:
-            raise NotAuthorized("redirect is for another device")
-        if redirect.expires + CLOCK_SKEW < self._clock():
-            raise StaleMessage("redirect has expired")
-        if not redirect.gateway_url.startswith(("https://", "coaps://", "coap://")):
-            raise MalformedMessage("redirect names an unsupported gateway URL")
+        check_redirect(redirect, serial=self.serial, nonce=self._nonce, now=self._clock())
         self.redirect = redirect
         self._go(DeviceState.REDIRECTED)
         return redirect

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import psk
+from .device import CLOCK_SKEW, check_redirect
 from .errors import MalformedMessage, NotAuthorized, StaleMessage
 from .messages import NONCE_LEN, Challenge, Done, DoneAck, FindOwner, Hello, Redirect
 from .proofs import check_owner_proof
 from .states import DEVICE_TRANSITIONS, DeviceState, check_transition
 
-CLOCK_SKEW = 300
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,7 @@ class PskDeviceOnboarding:
         if self.state is not DeviceState.FINDING_OWNER:
             raise MalformedMessage("no redirect was asked for")
         redirect = self._open(data, self._rv.down, Redirect)   # only a holder of K_rv
-        if redirect.nonce != self._nonce:
-            raise StaleMessage("redirect does not answer this request (nonce differs): a replay")
-        if redirect.serial != self.serial:
-            raise NotAuthorized("redirect is for another device")
-        if redirect.expires + CLOCK_SKEW < self._clock():
-            raise StaleMessage("redirect has expired")
-        if not redirect.gateway_url.startswith(("https://", "coaps://", "coap://")):
-            raise MalformedMessage("redirect names an unsupported gateway URL")
+        check_redirect(redirect, serial=self.serial, nonce=self._nonce, now=self._clock())
         self.redirect = redirect
         self._go(DeviceState.REDIRECTED)
         return redirect

@@ -221,9 +221,17 @@ class GatewayService(InventoryIntake):
         if is_mac0(body):
             return await self.psk.done(body)
         msg, cert, sess = await self._session_message(body, Done, SessionState.DONE)
+        await self.finish(sess, msg.ldevid_fp, issued="certificate")
+        return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode(),
+                                     with_chain=False)
+
+    async def finish(self, sess, reported_fp: bytes, *, issued: str) -> None:
+        """Done, for any kind of device: what it reports having stored must be what this
+        session issued (its LDevID, or a PSK device's bundle); then the device is onboarded and
+        the rendezvous told, in the background of the device's answer."""
         if not sess.ldevid_der or not hmac.compare_digest(
-                msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):
-            raise NotAuthorized("device reports another certificate than the one issued")
+                reported_fp, hashlib.sha256(sess.ldevid_der).digest()):
+            raise NotAuthorized(f"device reports another {issued} than the one issued")
         now = self.cfg.clock()
         if not await self.store.sessions.finish(sess.id, sess.serial, now):
             raise Conflict("session was already completed")
@@ -233,5 +241,3 @@ class GatewayService(InventoryIntake):
                 await self.notify_rendezvous(report)
             except Exception as exc:  # onboarded either way; the device must still get its ack
                 log.warning("could not report %s to the rendezvous: %s", sess.serial, exc)
-        return await self.vault.sign(DoneAck(session=sess.id, serial=sess.serial).encode(),
-                                     with_chain=False)

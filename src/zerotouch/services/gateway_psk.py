@@ -10,21 +10,18 @@ issued (prove), the issued bundle's hash confirmed (done).
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
-import logging
 from typing import Callable
 
 from ..protocol import psk
 from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import (BadSignature, Conflict, LocalError, NotAuthorized, NotFound,
                                ProtocolError, StaleMessage, TryLater)
-from ..protocol.messages import Challenge, Done, DoneAck, Hello, RvRegistered
+from ..protocol.messages import Challenge, Done, DoneAck, Hello
 from ..protocol.states import SESSION_TRANSITIONS, InventoryState, SessionState
 from ..protocol.verify import check_fresh
 from ..storage.base import SessionRecord
 
-log = logging.getLogger(__name__)
 PSK_LDEVID_SERIAL = "psk"   # what the inventory shows where a certificate device has its LDevID serial
 
 PskLookup = Callable[[str], "bytes | None"]
@@ -140,18 +137,7 @@ class GatewayPsk:
     async def done(self, body: bytes) -> bytes:
         gw = self.gw
         msg, sess, keys = await self._session_message(body, Done, SessionState.DONE)
-        if not sess.ldevid_der or not hmac.compare_digest(
-                msg.ldevid_fp, hashlib.sha256(sess.ldevid_der).digest()):
-            raise NotAuthorized("device reports another bundle than the one issued")
-        now = gw.cfg.clock()
-        if not await gw.store.sessions.finish(sess.id, sess.serial, now):
-            raise Conflict("session was already completed")
-        if gw.notify_rendezvous is not None:
-            report = await gw.vault.sign(RvRegistered(serial=sess.serial, time=int(now)).encode())
-            try:
-                await gw.notify_rendezvous(report)
-            except Exception as exc:
-                log.warning("could not report %s to the rendezvous: %s", sess.serial, exc)
+        await gw.finish(sess, msg.ldevid_fp, issued="bundle")
         return self._answer(DoneAck(session=sess.id, serial=sess.serial), keys)
 
 
