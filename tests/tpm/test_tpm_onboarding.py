@@ -42,6 +42,18 @@ def _trust(fleet, swtpm, *, policy: PcrPolicy | None = None, ca=None):
     return policy
 
 
+async def _two_tpm_devices(fleet, swtpm_factory):
+    """Device A (onboarding, its TPM trusted with a policy) and device B on another TPM of the
+    same maker; their identities, open on their own TPMs."""
+    a, b = swtpm_factory(), swtpm_factory()
+    dev = await _make(fleet, a)
+    _trust(fleet, a)
+    other = fleet.manufacturer.make_device(fleet.tmp / "factory2", fleet.info, identity="tpm",
+                                           tcti=b.tcti, model=MODEL)
+    return (dev, tpm_mod.TpmIdentity(dev.device_dir, a.tcti),
+            tpm_mod.TpmIdentity(other.device_dir, b.tcti))
+
+
 def _core(fleet, dev, identity):
     return DeviceOnboarding(serial=dev.serial, urn=dev.urn, rendezvous_key=fleet.rv_key.public_key(),
                             n_device=identity.n_device(), identity=identity,
@@ -131,13 +143,7 @@ async def test_replayed_quote_is_refused(fleet, swtpm):
 
 
 async def test_ak_of_another_tpm_fails_activation(fleet, swtpm_factory):
-    a, b = swtpm_factory(), swtpm_factory()
-    dev = await _make(fleet, a)
-    _trust(fleet, a)
-    other = fleet.manufacturer.make_device(fleet.tmp / "factory2", fleet.info, identity="tpm",
-                                           tcti=b.tcti, model=MODEL)
-    identity = tpm_mod.TpmIdentity(dev.device_dir, a.tcti)
-    other_id = tpm_mod.TpmIdentity(other.device_dir, b.tcti)
+    dev, identity, other_id = await _two_tpm_devices(fleet, swtpm_factory)
     try:
         ek_a, _ = identity.tpm_evidence()
         _, ak_b = other_id.tpm_evidence()
@@ -162,13 +168,7 @@ async def test_ak_of_another_tpm_fails_activation(fleet, swtpm_factory):
 
 
 async def test_idevid_bound_to_one_tpm_refuses_another_tpms_ek(fleet, swtpm_factory):
-    a, b = swtpm_factory(), swtpm_factory()
-    dev = await _make(fleet, a)
-    _trust(fleet, a)
-    other = fleet.manufacturer.make_device(fleet.tmp / "factory2", fleet.info, identity="tpm",
-                                           tcti=b.tcti, model=MODEL)
-    identity = tpm_mod.TpmIdentity(dev.device_dir, a.tcti)
-    other_id = tpm_mod.TpmIdentity(other.device_dir, b.tcti)
+    dev, identity, other_id = await _two_tpm_devices(fleet, swtpm_factory)
     try:
         # the IDevID key of device A (say, extracted) presented with TPM B, whose owner
         # controls B's PCRs: B's EK chains to the same trusted maker, but is not A's TPM
@@ -202,13 +202,7 @@ async def test_no_policy_for_the_device_type_is_refused_with_a_hint(fleet, swtpm
 
 
 async def test_secret_for_one_tpm_does_not_open_on_another(fleet, swtpm_factory):
-    a, b = swtpm_factory(), swtpm_factory()
-    dev = await _make(fleet, a)
-    _trust(fleet, a)
-    other = fleet.manufacturer.make_device(fleet.tmp / "factory2", fleet.info, identity="tpm",
-                                           tcti=b.tcti, model=MODEL)
-    identity = tpm_mod.TpmIdentity(dev.device_dir, a.tcti)
-    other_id = tpm_mod.TpmIdentity(other.device_dir, b.tcti)
+    dev, identity, other_id = await _two_tpm_devices(fleet, swtpm_factory)
     try:
         core = _core(fleet, dev, identity)
         await _until_prove(fleet, core)
